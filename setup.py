@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="transformers-bcos",
+    version="0.1.0",
+    description="Inherently interpretable B-cos models for Hugging Face transformers: B-cosify pretrained vision models.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.17,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "data": ["mlxtend", "scikit-learn", "scikit-image"],
+        "plots": ["matplotlib"],
+        "posthoc": ["captum"],
+        "dev": ["pytest", "mlxtend", "scikit-learn", "matplotlib", "evaluate"],
+    },
+    entry_points={"console_scripts": ["transformers-bcos=transformers_bcos.cli:main"]},
+)

@@ -1,0 +1,90 @@
+"""Configuration of B-cos image classifiers.
+
+This file travels with saved checkpoints (``trust_remote_code``): it imports torch,
+transformers and the standard library only.
+"""
+
+import math
+
+from transformers import AutoConfig, PretrainedConfig, ResNetConfig
+
+# transformers ``model_type`` of the architecture -> B-cos backbone family.
+SUPPORTED_BACKBONES = {"vit": "vit", "deit": "vit", "resnet": "resnet", "convnext": "convnext"}
+
+
+class BcosConfig(PretrainedConfig):
+    r"""Configuration of a [`BcosForImageClassification`] model.
+
+    The architecture is described by ``backbone_config``, the configuration of the standard
+    transformers model the B-cos network mirrors (a `ViTConfig`, `DeiTConfig`, `ResNetConfig` or
+    `ConvNextConfig`); the B-cos options sit beside it. Labels (``id2label``) belong to this
+    config, not to the backbone's.
+
+    Args:
+        backbone_config (`PretrainedConfig` or `dict`, *optional*):
+            The mirrored architecture. Defaults to a ResNet-50 `ResNetConfig`.
+        b (`float`, *optional*, defaults to 2.0):
+            The B-cos exponent of every convolution and linear layer. 1 gives plain linear maps.
+        use_bias (`bool`, *optional*, defaults to `False`):
+            Keep the additive terms (biases, batch-norm centring). B-cos models have none; `True`
+            with `b=1` reproduces the source model exactly.
+        logit_bias (`float`, *optional*):
+            A fixed constant added to every logit. Defaults to -log(C-1), so that
+            sigmoid(logit_bias) = 1/C, which the B-cos binary cross-entropy loss expects.
+        normalize_weights (`bool`, *optional*, defaults to `False`):
+            Use unit-norm filters in the B-cos layers (B-cos v2 from scratch). B-cosified models keep
+            the raw pretrained filters.
+        image_processor (`dict`, *optional*):
+            The image processor saved with the model (a transformers image-processor dict that
+            outputs pixels in [0, 1] without mean/std normalisation).
+    """
+
+    model_type = "bcos"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config=None,
+        b: float = 2.0,
+        use_bias: bool = False,
+        logit_bias=None,
+        normalize_weights: bool = False,
+        image_processor=None,
+        **kwargs,
+    ):
+        if backbone_config is None:
+            backbone_config = ResNetConfig()
+        elif isinstance(backbone_config, dict):
+            backbone_config = AutoConfig.for_model(**backbone_config)
+        elif not isinstance(backbone_config, PretrainedConfig):
+            raise TypeError(f"backbone_config must be a PretrainedConfig or a dict, got {type(backbone_config).__name__}.")
+        if backbone_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"Unsupported backbone {backbone_config.model_type!r}; supported: {sorted(SUPPORTED_BACKBONES)}."
+            )
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+            raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
+        self.backbone_config = backbone_config
+        self.b = float(b)
+        self.use_bias = bool(use_bias)
+        self.normalize_weights = bool(normalize_weights)
+        self.image_processor = image_processor
+        # B-cos models are trained with binary cross-entropy: their class scores are sigmoids.
+        kwargs.setdefault("problem_type", "multi_label_classification")
+        super().__init__(**kwargs)
+        if logit_bias is None:
+            logit_bias = -math.log(self.num_labels - 1) if self.num_labels > 1 else 0.0
+        self.logit_bias = float(logit_bias)
+
+    @property
+    def backbone_family(self) -> str:
+        """'vit', 'resnet' or 'convnext': the B-cos backbone that mirrors ``backbone_config``."""
+        return SUPPORTED_BACKBONES[self.backbone_config.model_type]
+
+    @property
+    def image_size(self):
+        """The fixed input size (height, width) of ViT-family models, else None."""
+        if self.backbone_family != "vit":
+            return None
+        size = self.backbone_config.image_size
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)

@@ -1,0 +1,291 @@
+"""B-cosification: convert a pretrained transformers image classifier into a B-cos model.
+
+The conversion builds a `BcosForImageClassification` that mirrors the source architecture and
+copies the weights across by module type and structure, never by attribute names (transformers
+renames internals between versions):
+
+* both models are walked in module order; every convolution, linear layer, batch norm, layer
+  norm and free parameter (class token, position embeddings, layer scale) is a *unit*;
+* the units of each kind are paired in order, with their shapes checked, and one rule per
+  module type copies the state (`CONVERTER_RULES`);
+* the source's input normalisation is folded exactly into the first layer, which reads the
+  6-channel encoding [x, 1-x] (`fold_normalization`).
+
+Nothing is written into the new model until every pair has been validated.
+"""
+
+import copy
+import math
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ConvNextForImageClassification,
+    DeiTForImageClassification,
+    PreTrainedModel,
+    ResNetForImageClassification,
+    ViTForImageClassification,
+)
+
+from ..configuration_bcos import SUPPORTED_BACKBONES, BcosConfig
+from ..modeling_bcos import BcosForImageClassification
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover
+    from transformers.modeling_utils import no_init_weights
+
+SUPPORTED_SOURCE_CLASSES = (
+    ViTForImageClassification,
+    DeiTForImageClassification,
+    ResNetForImageClassification,
+    ConvNextForImageClassification,
+)
+
+
+def _supported_names() -> str:
+    return ", ".join(cls.__name__ for cls in SUPPORTED_SOURCE_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Converter rules: one per module type. Each copies a standard module's state into its B-cos
+# counterpart; `keep_bias` decides whether additive terms survive.
+# ----------------------------------------------------------------------------------------------
+
+
+def _copy_bias(source: nn.Module, target: nn.Module) -> None:
+    if target.bias is not None:
+        if source.bias is None:
+            target.bias.zero_()
+        else:
+            target.bias.copy_(source.bias)
+
+
+def convert_conv(source: nn.Conv2d, target: nn.Conv2d) -> None:
+    target.weight.copy_(source.weight)
+    _copy_bias(source, target)
+
+
+def convert_linear(source: nn.Linear, target: nn.Linear) -> None:
+    target.weight.copy_(source.weight)
+    _copy_bias(source, target)
+
+
+def convert_batchnorm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
+    target.eps, target.momentum = source.eps, source.momentum
+    target.weight.copy_(source.weight)
+    _copy_bias(source, target)
+    target.running_mean.copy_(source.running_mean)
+    target.running_var.copy_(source.running_var)
+    target.num_batches_tracked.copy_(source.num_batches_tracked)
+
+
+def convert_layernorm(source: nn.LayerNorm, target: nn.LayerNorm) -> None:
+    target.eps = source.eps
+    target.weight.copy_(source.weight)
+    _copy_bias(source, target)
+
+
+def convert_parameter(source: torch.Tensor, target: torch.Tensor) -> None:
+    target.copy_(source)
+
+
+CONVERTER_RULES = {
+    "conv": (nn.Conv2d, convert_conv),
+    "linear": (nn.Linear, convert_linear),
+    "batchnorm": (nn.BatchNorm2d, convert_batchnorm),
+    "layernorm": (nn.LayerNorm, convert_layernorm),
+}
+
+
+def fold_normalization(weight: torch.Tensor, mean, std) -> torch.Tensor:
+    """First-layer weights on [x, 1-x] that equal ``weight`` applied to (x - mean) / std.
+
+    (x_c - μ_c)/σ_c = ((1-μ_c)·x_c - μ_c·(1-x_c))/σ_c, so W6[:, c] = W[:, c](1-μ_c)/σ_c and
+    W6[:, 3+c] = -W[:, c]μ_c/σ_c. Exact, also at zero-padded borders. Computed in float64.
+    """
+    w = weight.double()
+    mean = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2)))
+    std = torch.as_tensor(std, dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2)))
+    return torch.cat([w * (1 - mean) / std, -w * mean / std], dim=1).to(weight.dtype)
+
+
+def convert_input_conv(source: nn.Conv2d, target: nn.Conv2d, mean, std) -> None:
+    """The first convolution: the source's input normalisation folded into 6-channel weights."""
+    target.weight.copy_(fold_normalization(source.weight, mean, std))
+    _copy_bias(source, target)
+
+
+def _units(model: nn.Module) -> dict:
+    """The model's convertible units by kind, in module order."""
+    units = {kind: [] for kind in (*CONVERTER_RULES, "parameter")}
+    for module in model.modules():
+        kind = next((k for k, (cls, _) in CONVERTER_RULES.items() if isinstance(module, cls)), None)
+        if kind is not None:
+            units[kind].append(module)
+        else:
+            units["parameter"].extend(module.parameters(recurse=False))
+    return units
+
+
+def _shape(unit) -> tuple:
+    return tuple(unit.shape if isinstance(unit, torch.Tensor) else unit.weight.shape)
+
+
+def pair_units(source: nn.Module, target: nn.Module) -> list:
+    """Pair the units of ``source`` and ``target`` by kind and order; raise if they don't match."""
+    source_units, target_units = _units(source), _units(target)
+    pairs = []
+    for kind in source_units:
+        src, dst = source_units[kind], target_units[kind]
+        if len(src) != len(dst):
+            raise ValueError(
+                f"Cannot convert {type(source).__name__}: it has {len(src)} {kind} units where the B-cos "
+                f"model has {len(dst)}. This transformers version may lay the model out differently."
+            )
+        for i, (s, d) in enumerate(zip(src, dst)):
+            expected = _shape(s)
+            if kind == "conv" and i == 0:  # the first layer reads 6 channels instead of 3
+                expected = (expected[0], 2 * expected[1], *expected[2:])
+            if expected != _shape(d):
+                raise ValueError(
+                    f"Cannot convert {type(source).__name__}: {kind} unit {i} has shape {_shape(s)}, the B-cos "
+                    f"model expects {_shape(d)}."
+                )
+            pairs.append((kind, s, d))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the source
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_model_type(model_type: str, where: str) -> None:
+    if model_type not in SUPPORTED_BACKBONES:
+        raise ValueError(
+            f"Unsupported architecture {model_type!r} ({where}). Supported: {_supported_names()}."
+        )
+
+
+def _load_source(src, image_processor, **kwargs):
+    if isinstance(src, PreTrainedModel):
+        _check_model_type(src.config.model_type, type(src).__name__)
+        model = src
+    elif isinstance(src, (str, os.PathLike)):
+        config = AutoConfig.from_pretrained(src, **kwargs)
+        _check_model_type(config.model_type, str(src))
+        model = AutoModelForImageClassification.from_pretrained(src, **kwargs)
+    else:
+        raise TypeError(f"src must be a Hub id, a local folder or a PreTrainedModel, got {type(src).__name__}.")
+    if not isinstance(model, SUPPORTED_SOURCE_CLASSES):
+        raise ValueError(f"Unsupported model class {type(model).__name__}. Supported: {_supported_names()}.")
+
+    if image_processor is None:
+        location = src if not isinstance(src, PreTrainedModel) else getattr(src.config, "_name_or_path", "")
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(location, **kwargs) if location else None
+        except (OSError, ValueError):
+            image_processor = None
+        if image_processor is None:
+            raise ValueError(
+                f"No image processor found for {location or type(src).__name__}: pass image_processor= (the processor "
+                "the source model was trained with), so that its normalisation can be folded into the first layer."
+            )
+    return model, image_processor
+
+
+def _processor_settings(image_processor) -> tuple:
+    """(mean, std, dict of the processor that feeds the B-cos model)."""
+    settings = image_processor if isinstance(image_processor, dict) else image_processor.to_dict()
+    settings = copy.deepcopy(settings)
+    if settings.get("do_normalize", False):
+        mean, std = settings.get("image_mean"), settings.get("image_std")
+        if mean is None or std is None:
+            raise ValueError("The image processor normalises but has no image_mean/image_std.")
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    settings["do_normalize"] = False
+    settings.pop("processor_class", None)
+    return mean, std, settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def bcosify_pretrained(
+    src: Union[str, os.PathLike, PreTrainedModel],
+    b: float = 2.0,
+    keep_bias: bool = False,
+    *,
+    image_processor=None,
+    logit_bias: Optional[float] = None,
+    **from_pretrained_kwargs,
+) -> BcosForImageClassification:
+    """B-cosify a pretrained image classifier.
+
+    Args:
+        src: a Hub id, a local folder written by ``save_pretrained``, or a model instance of one of
+            ViTForImageClassification, DeiTForImageClassification, ResNetForImageClassification,
+            ConvNextForImageClassification.
+        b: the B-cos exponent (2 for B-cos models; 1 with ``keep_bias=True`` reproduces the source).
+        keep_bias: keep biases and batch-norm centring (False for B-cos models).
+        image_processor: the source's image processor (object or dict), if it cannot be loaded from
+            ``src``. Its mean/std are folded into the first layer; the B-cos model's processor is
+            the same without normalisation.
+        logit_bias: the fixed constant added to every logit; by default -log(C-1), or 0 with
+            ``keep_bias=True`` so that the source logits are reproduced.
+        from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ...).
+
+    Returns:
+        A `BcosForImageClassification` in the source's dtype, in eval mode.
+    """
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+        raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
+    if not isinstance(keep_bias, bool):
+        raise TypeError(f"keep_bias must be a bool, got {type(keep_bias).__name__}.")
+    source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
+    mean, std, processor_dict = _processor_settings(processor)
+
+    source_config = source.config
+    config = BcosConfig(
+        backbone_config=copy.deepcopy(source_config),
+        b=b,
+        use_bias=keep_bias,
+        logit_bias=(0.0 if keep_bias else None) if logit_bias is None else logit_bias,
+        normalize_weights=False,
+        image_processor=processor_dict,
+        id2label=dict(source_config.id2label),
+        label2id=dict(source_config.label2id),
+    )
+    with no_init_weights():
+        model = BcosForImageClassification(config)
+    dtype = next(source.parameters()).dtype
+    model.to(dtype)
+
+    pairs = pair_units(source, model)
+    written = set()
+    with torch.no_grad():
+        first_conv = True
+        for kind, s, d in pairs:
+            if kind == "parameter":
+                convert_parameter(s, d)
+                written.add(id(d))
+                continue
+            if kind == "conv" and first_conv:
+                convert_input_conv(s, d, mean, std)
+                first_conv = False
+            else:
+                CONVERTER_RULES[kind][1](s, d)
+            written.update(id(t) for t in (*d.parameters(recurse=False), *d.buffers(recurse=False)))
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
+    if missing:  # every tensor must come from the source; never leave uninitialised memory
+        raise RuntimeError(f"Conversion left tensors without a source: {missing[:5]}")
+    return model.eval()

@@ -1,0 +1,154 @@
+"""The explanation core: explanation mode, dynamic linear weights, and rendering.
+
+In explanation mode a B-cos network computes y = W(x)·x exactly, so one backward pass of the
+explained scalar gives W(x) and the contributions W(x) ⊙ x, which sum to y.
+
+This file travels with saved checkpoints (``trust_remote_code``): it imports torch,
+transformers and the standard library only.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from .layers import ExplainableModule
+
+TargetType = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
+
+
+@contextmanager
+def explanation_mode(model: torch.nn.Module, enabled: bool = True):
+    """Switch every B-cos layer of ``model`` into (or out of) explanation mode, and restore it."""
+    layers = [m for m in model.modules() if isinstance(m, ExplainableModule)]
+    previous = [m.explanation_mode for m in layers]
+    for m in layers:
+        m.explanation_mode = enabled
+    try:
+        yield model
+    finally:
+        for m, mode in zip(layers, previous):
+            m.explanation_mode = mode
+
+
+def resolve_targets(target: TargetType, logits: torch.Tensor, label2id: Optional[dict] = None) -> torch.Tensor:
+    """Turn a user ``target`` into a (N,) long tensor of class indices, validating it first.
+
+    ``None`` takes the predicted class; an int or a label name applies to every image; a sequence
+    or tensor gives one target per image.
+    """
+    n, num_classes = logits.shape
+    if target is None:
+        return logits.argmax(dim=1)
+    label2id = label2id or {}
+
+    def index_of(t) -> int:
+        if isinstance(t, str):
+            if t not in label2id:
+                known = ", ".join(repr(k) for k in list(label2id)[:20])
+                raise ValueError(f"Unknown label {t!r}; the model's labels include: {known}.")
+            return int(label2id[t])
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"A target must be an int class index or a label name, got {type(t).__name__}.")
+        return t
+
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"A target tensor must hold integer class indices, got dtype {target.dtype}.")
+        targets = target.reshape(-1).tolist()
+        if target.dim() == 0:
+            targets = targets * n
+    elif isinstance(target, (int, str)):
+        targets = [index_of(target)] * n
+    else:
+        targets = [index_of(t) for t in target]
+    if len(targets) != n:
+        raise ValueError(f"Got {len(targets)} targets for a batch of {n} images.")
+    bad = [t for t in targets if not 0 <= t < num_classes]
+    if bad:
+        raise ValueError(f"Target {bad[0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1}).")
+    return torch.tensor(targets, dtype=torch.long, device=logits.device)
+
+
+def dynamic_linear_weights(
+    model: torch.nn.Module,
+    encoded_inputs: torch.Tensor,
+    explained_output: Callable[[torch.Tensor], torch.Tensor],
+):
+    """Run ``model`` in explanation mode and return ``(W(x), y, aux)``.
+
+    ``explained_output(x6)`` returns ``(y, aux)`` with y of shape (N, ...): one scalar per image
+    and output slot, each depending on its own image only. The gradient of the sum of y over a
+    batch is therefore every image's W(x) at once, and it is taken with respect to the input
+    only: no parameter gradient is accumulated. For several outputs per image (N, T), the
+    weights come back as (N, T, C, H, W), one backward pass per slot.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), explanation_mode(model):
+            x = encoded_inputs.detach().requires_grad_(True)
+            y, aux = explained_output(x)
+            if y.dim() == 1:
+                (weights,) = torch.autograd.grad(y.sum(), x)
+            else:
+                flat = y.reshape(y.shape[0], -1)
+                slots = []
+                for j in range(flat.shape[1]):
+                    (w,) = torch.autograd.grad(flat[:, j].sum(), x, retain_graph=j + 1 < flat.shape[1])
+                    slots.append(w)
+                weights = torch.stack(slots, dim=1).reshape(*y.shape, *x.shape[1:])
+    finally:
+        model.train(was_training)
+    return weights.detach(), y.detach(), aux
+
+
+def rgba_explanation(weights: torch.Tensor, encoded_inputs: torch.Tensor, smoothing: Optional[int] = None, percentile: float = 99.5) -> torch.Tensor:
+    """Render (N, 6, H, W) dynamic linear weights as (N, H, W, 4) RGBA images in [0, 1].
+
+    The B-cos reference recipe: colour = the weights' own colour channels, opacity = their norm
+    where the contribution is positive, scaled to the given percentile.
+    ``smoothing`` is an odd average-pool kernel for the opacity (None: 15 px per 224 px).
+    """
+    w = weights.detach().float()
+    contributions = (w * encoded_inputs.detach().float()).sum(1, keepdim=True)
+    w_n = (w / (w.abs().amax(1, keepdim=True) + 1e-12)).clamp_min(0)
+    rgb = w_n[:, :3] / (w_n[:, :3] + w_n[:, 3:] + 1e-12)
+    alpha = w.norm(dim=1, keepdim=True) * (contributions >= 0)
+    if smoothing is None:
+        smoothing = int(round(15 * w.shape[-1] / 224)) | 1
+    if smoothing > 1:
+        alpha = F.avg_pool2d(alpha, smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)
+    scale = torch.quantile(alpha.flatten(1), percentile / 100.0, dim=1).clamp_min(1e-12)
+    alpha = (alpha / scale.view(-1, 1, 1, 1)).clamp(0, 1)
+    return torch.cat([rgb, alpha], dim=1).permute(0, 2, 3, 1)
+
+
+@dataclass
+class BcosExplanationOutput(ModelOutput):
+    """The explanation of one scalar output per image.
+
+    Args:
+        contributions: (N, H, W) per-pixel contributions, ``(W(x) ⊙ x)`` summed over the 6 input
+            channels. They sum to ``explained_output`` (completeness).
+        dynamic_linear_weights: (N, 6, H, W) W(x), the gradient of the explained output with
+            respect to the encoded input [r, g, b, 1-r, 1-g, 1-b].
+        target: (N,) the explained class of each image.
+        explained_output: (N,) the explained scalar: the target's logit minus the fixed logit bias.
+        logits: (N, C) the model's logits.
+        encoded_pixel_values: (N, 6, H, W) the explained input in the 6-channel encoding.
+    """
+
+    contributions: torch.Tensor = None
+    dynamic_linear_weights: torch.Tensor = None
+    target: torch.Tensor = None
+    explained_output: torch.Tensor = None
+    logits: torch.Tensor = None
+    encoded_pixel_values: torch.Tensor = None
+
+    def to_rgba(self, smoothing: Optional[int] = None, percentile: float = 99.5):
+        """(N, H, W, 4) float numpy RGBA images of the explanations (reference recipe)."""
+        return rgba_explanation(self.dynamic_linear_weights, self.encoded_pixel_values, smoothing, percentile).cpu().numpy()

@@ -1,0 +1,267 @@
+"""B-cos layers.
+
+Every layer here is a drop-in for its standard PyTorch counterpart and carries an
+``explanation_mode`` flag. In explanation mode a layer detaches its input-dependent factors
+(the B-cos scale, the normalisation std, the activation gate), so the network becomes the
+dynamic linear map y = W(x)·x whose gradient with respect to the input is W(x).
+
+This file travels with saved checkpoints (``trust_remote_code``): it imports torch and the
+standard library only.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Added inside square roots so that an all-zero patch has a finite (zero) scale.
+NORM_EPS = 1e-6
+
+
+class ExplainableModule(nn.Module):
+    """A module whose dynamic (input-dependent, non-linear) factors can be detached.
+
+    ``explanation_mode`` is switched for a whole model by ``explanation.explanation_mode``.
+    """
+
+    explanation_mode: bool = False
+
+
+def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
+    """[r, g, b] in [0, 1] -> [r, g, b, 1-r, 1-g, 1-b]: pixels of every colour carry evidence."""
+    return torch.cat([pixel_values, 1.0 - pixel_values], dim=1)
+
+
+def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
+    """Return ``out * |cos(x, w)|^(b-1) * ||w||^(b-1)``, the B-cos non-linearity.
+
+    ``out`` is the linear response w·x (+ bias), ``input_norm`` the L2 norm of the input patch.
+    """
+    if b == 2:
+        scale = out.abs() / input_norm
+    else:
+        scale = (out.abs() / input_norm + NORM_EPS).pow(b - 1)
+    if detach:
+        scale = scale.detach()
+    return out * scale
+
+
+def _check_b(b: float) -> float:
+    if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or b <= 0:
+        raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
+    return float(b)
+
+
+class BcosConv2d(ExplainableModule, nn.Conv2d):
+    """B-cos 2D convolution: ``conv(x) * |conv(x) / ||patch(x)|| |^(b-1)``.
+
+    With ``b=1`` it is a plain convolution (with the bias, if any). ``normalize_weights`` uses
+    unit-norm filters (B-cos v2); B-cosified models keep the raw pretrained filters, which only
+    rescales each output channel.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        b: float = 2.0,
+        normalize_weights: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self.b = _check_b(b)
+        self.normalize_weights = normalize_weights
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, b={self.b}, normalize_weights={self.normalize_weights}"
+
+    def _weight(self) -> torch.Tensor:
+        if not self.normalize_weights:
+            return self.weight
+        return self.weight / self.weight.flatten(1).norm(dim=1).clamp_min(NORM_EPS).view(-1, 1, 1, 1)
+
+    def input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """L2 norm of each receptive field (per group), broadcastable to the conv output."""
+        squared = x.pow(2)
+        if self.groups == 1:
+            squared = squared.sum(1, keepdim=True)
+            ones = x.new_ones(1, 1, *self.kernel_size)
+        else:
+            ones = x.new_ones(self.groups, self.in_channels // self.groups, *self.kernel_size)
+        # A convolution with an all-ones kernel sums x² over each receptive field, with the conv's
+        # own stride, padding and dilation, so the norm lines up with the output positions.
+        summed = F.conv2d(squared, ones, None, self.stride, self.padding, self.dilation, self.groups)
+        norm = (summed + NORM_EPS).sqrt()
+        if self.groups > 1 and self.out_channels != self.groups:
+            norm = norm.repeat_interleave(self.out_channels // self.groups, dim=1)
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.b == 1:
+            return out
+        return bcos_scale(out, self.input_norm(x), self.b, self.explanation_mode)
+
+
+class BcosLinear(ExplainableModule, nn.Linear):
+    """B-cos linear layer over the last dimension (also used per position as a 1×1 conv)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        b: float = 2.0,
+        normalize_weights: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.b = _check_b(b)
+        self.normalize_weights = normalize_weights
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, b={self.b}, normalize_weights={self.normalize_weights}"
+
+    def _weight(self) -> torch.Tensor:
+        if not self.normalize_weights:
+            return self.weight
+        return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self._weight(), self.bias)
+        if self.b == 1:
+            return out
+        norm = (x.pow(2).sum(-1, keepdim=True) + NORM_EPS).sqrt()
+        return bcos_scale(out, norm, self.b, self.explanation_mode)
+
+
+class BcosBatchNorm2d(ExplainableModule, nn.BatchNorm2d):
+    """Batch norm whose std is detached in explanation mode.
+
+    ``centered=False`` (B-cos): ``x / std * weight`` with no mean subtraction and no bias, so the
+    layer is linear in x given its statistics. ``centered=True`` is the standard batch norm, used
+    to reproduce a source model exactly.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, centered: bool = False, device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, device=device, dtype=dtype)
+        if not centered:
+            self.register_parameter("bias", None)
+
+    @property
+    def centered(self) -> bool:
+        return self.bias is not None
+
+    def _batch_statistics(self, x: torch.Tensor):
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            count = x.numel() // x.shape[1]
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+            unbiased = var.detach() * (count / max(count - 1, 1))
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return mean, var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.centered and not self.explanation_mode:
+            return super().forward(x)
+        if self.training:
+            mean, var = self._batch_statistics(x)
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = torch.rsqrt(var + self.eps)
+        if self.explanation_mode:
+            inv_std = inv_std.detach()
+        gain = (inv_std * self.weight).to(x.dtype).view(1, -1, 1, 1)
+        if not self.centered:
+            return x * gain
+        return (x - mean.to(x.dtype).view(1, -1, 1, 1)) * gain + self.bias.view(1, -1, 1, 1)
+
+
+class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
+    """Layer norm over the channel dimension whose std is detached in explanation mode.
+
+    Centring (subtracting the mean over channels) is a linear map of x and stays. ``bias=False``
+    drops the additive term. ``channels_first`` normalises dim 1 of an (N, C, H, W) tensor.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False, channels_first: bool = False, device=None, dtype=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=True, bias=bias, device=device, dtype=dtype)
+        self.channels_first = channels_first
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, channels_first={self.channels_first}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            x = x.movedim(1, -1)
+        if self.explanation_mode:
+            centred = x - x.mean(-1, keepdim=True)
+            inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps).detach()
+            y = centred * inv_std * self.weight
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1) if self.channels_first else y
+
+
+def _gelu_gate(x):
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _tanh_gelu_gate(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+# name (as in transformers' ``hidden_act``) -> (function, gate with function(x) = gate(x) * x)
+GATED_ACTIVATIONS = {
+    "relu": (F.relu, lambda x: (x > 0).to(x.dtype)),
+    "gelu": (F.gelu, _gelu_gate),
+    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate),
+    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate),
+    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), lambda x: torch.sigmoid(1.702 * x)),
+    "silu": (F.silu, torch.sigmoid),
+    "swish": (F.silu, torch.sigmoid),
+}
+
+
+class DetachableActivation(ExplainableModule):
+    """An activation written as ``gate(x) * x`` whose gate is detached in explanation mode."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in GATED_ACTIVATIONS:
+            raise ValueError(f"Unsupported activation {name!r}; supported: {sorted(GATED_ACTIVATIONS)}.")
+        self.name = name
+        self.function, self.gate = GATED_ACTIVATIONS[name]
+
+    def extra_repr(self) -> str:
+        return self.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.explanation_mode:
+            return self.gate(x).detach() * x
+        return self.function(x)

@@ -1,0 +1,546 @@
+"""B-cos image classifiers for the ViT/DeiT, ResNet and ConvNeXt families.
+
+Each backbone mirrors the layout of its transformers counterpart, with every convolution and
+linear layer a B-cos layer, normalisations whose std detaches, activations whose gate detaches,
+and a 6-channel input [r, g, b, 1-r, 1-g, 1-b] encoded inside the model. A model is either
+B-cosified from a pretrained checkpoint (``transformers_bcos.bcosify_pretrained``) or built from
+a `BcosConfig` with random weights (the B-cos-from-scratch baseline).
+
+This file travels with saved checkpoints (``trust_remote_code``): it imports torch,
+transformers and the standard library only.
+"""
+
+import json
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .configuration_bcos import BcosConfig
+from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets
+from .layers import (
+    BcosBatchNorm2d,
+    BcosConv2d,
+    BcosLayerNorm,
+    BcosLinear,
+    DetachableActivation,
+    ExplainableModule,
+    encode_pixel_values,
+)
+
+try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+# Pixels may overshoot [0, 1] by resampling round-off; anything beyond this is an input mistake.
+PIXEL_RANGE_TOLERANCE = 1e-3
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def _bcos_kwargs(config: BcosConfig) -> dict:
+    return {"b": config.b, "normalize_weights": config.normalize_weights}
+
+
+def bcos_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy against one-hot targets whose off-labels are 1/C (the B-cos loss).
+
+    ``labels`` holds class indices (N,) or target probabilities (N, C) (e.g. from mixup).
+    """
+    num_classes = logits.shape[-1]
+    if labels.dim() == logits.dim():
+        targets = labels.to(logits.dtype)
+    else:
+        one_hot = F.one_hot(labels.long(), num_classes).to(logits.dtype)
+        targets = one_hot + (1.0 - one_hot) / num_classes
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (a linear rescaling, so explanations are unaffected)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).add_(keep).floor_()
+        return x / keep * mask
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT / DeiT
+# ----------------------------------------------------------------------------------------------
+
+
+class BcosViTEmbeddings(nn.Module):
+    """Patch embedding plus class (and distillation) token and learned position embeddings.
+
+    The tokens and position embeddings are constants, which would break completeness. Each is
+    multiplied by a mean of (x_c + (1 - x_c)) over the pixels it belongs to (the whole image for
+    prefix tokens, the patch for a patch's position embedding): identically 1 for an encoded
+    image, so the forward value is unchanged, but linear in the input, so the explanation
+    attributes each constant uniformly to its pixels and stays complete.
+    """
+
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        hidden_size = backbone.hidden_size
+        self.patch_size = _pair(backbone.patch_size)
+        image_size = _pair(backbone.image_size)
+        num_patches = (image_size[0] // self.patch_size[0]) * (image_size[1] // self.patch_size[1])
+        self.num_prefix_tokens = 2 if backbone.model_type == "deit" else 1
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.patch_embeddings = BcosConv2d(
+            6, hidden_size, self.patch_size, stride=self.patch_size, bias=config.use_bias, **_bcos_kwargs(config)
+        )
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
+        self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
+        if self.num_prefix_tokens == 2:
+            self.distillation_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+
+    def forward(self, encoded_pixel_values: torch.Tensor) -> torch.Tensor:
+        batch_size = encoded_pixel_values.shape[0]
+        patches = self.patch_embeddings(encoded_pixel_values).flatten(2).transpose(1, 2)
+        ones = encoded_pixel_values[:, :3] + encoded_pixel_values[:, 3:]
+        per_patch = F.avg_pool2d(ones, self.patch_size, stride=self.patch_size).mean(1).flatten(1)
+        per_image = per_patch.mean(1)
+
+        prefix = [self.cls_token] + ([self.distillation_token] if self.num_prefix_tokens == 2 else [])
+        prefix = torch.cat(prefix, dim=1) + self.position_embeddings[:, : self.num_prefix_tokens]
+        prefix = prefix * per_image.view(batch_size, 1, 1)
+        patches = patches + self.position_embeddings[:, self.num_prefix_tokens :] * per_patch.unsqueeze(-1)
+        return self.dropout(torch.cat([prefix, patches], dim=1))
+
+
+class BcosViTAttention(ExplainableModule):
+    """Multi-head self-attention with B-cos projections; the attention matrix detaches."""
+
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        hidden_size = backbone.hidden_size
+        self.num_heads = backbone.num_attention_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.dropout = backbone.attention_probs_dropout_prob
+        qkv_bias = config.use_bias and backbone.qkv_bias
+        inner = self.num_heads * self.head_dim
+        self.q_proj = BcosLinear(hidden_size, inner, bias=qkv_bias, **_bcos_kwargs(config))
+        self.k_proj = BcosLinear(hidden_size, inner, bias=qkv_bias, **_bcos_kwargs(config))
+        self.v_proj = BcosLinear(hidden_size, inner, bias=qkv_bias, **_bcos_kwargs(config))
+        self.o_proj = BcosLinear(inner, hidden_size, bias=config.use_bias, **_bcos_kwargs(config))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = hidden_states.shape
+        shape = (batch_size, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.explanation_mode:
+            # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
+            query, key = query.detach(), key.detach()
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
+
+
+class BcosViTMLP(nn.Module):
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        self.fc1 = BcosLinear(backbone.hidden_size, backbone.intermediate_size, bias=config.use_bias, **_bcos_kwargs(config))
+        self.activation = DetachableActivation(backbone.hidden_act)
+        self.fc2 = BcosLinear(backbone.intermediate_size, backbone.hidden_size, bias=config.use_bias, **_bcos_kwargs(config))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class BcosViTLayer(nn.Module):
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        self.attention = BcosViTAttention(config)
+        self.layernorm_before = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
+        self.layernorm_after = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
+        self.mlp = BcosViTMLP(config)
+        self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(self.attention(self.layernorm_before(hidden_states)))
+        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+
+
+class BcosViTBackbone(nn.Module):
+    """(N, 6, H, W) -> (N, prefix tokens + patches, hidden) after the final layer norm."""
+
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        self.embeddings = BcosViTEmbeddings(config)
+        self.layers = nn.ModuleList([BcosViTLayer(config) for _ in range(backbone.num_hidden_layers)])
+        self.layernorm = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
+        self.num_features = backbone.hidden_size
+
+    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        hidden_states = self.embeddings(encoded_pixel_values)
+        all_hidden_states = [hidden_states]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+            all_hidden_states.append(hidden_states)
+        return self.layernorm(hidden_states), tuple(all_hidden_states) if output_hidden_states else None
+
+    @staticmethod
+    def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
+        return classifier(features[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet
+# ----------------------------------------------------------------------------------------------
+
+
+class BcosResNetConvLayer(nn.Module):
+    def __init__(self, config: BcosConfig, in_channels, out_channels, kernel_size=3, stride=1, activation="relu"):
+        super().__init__()
+        self.convolution = BcosConv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False, **_bcos_kwargs(config)
+        )
+        self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
+        self.activation = DetachableActivation(activation) if activation is not None else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.normalization(self.convolution(hidden_states)))
+
+
+class BcosResNetShortCut(nn.Module):
+    def __init__(self, config: BcosConfig, in_channels, out_channels, stride=2):
+        super().__init__()
+        self.convolution = BcosConv2d(in_channels, out_channels, 1, stride=stride, bias=False, **_bcos_kwargs(config))
+        self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.normalization(self.convolution(hidden_states))
+
+
+class BcosResNetResidualLayer(nn.Module):
+    """A basic (two 3×3 convs) or bottleneck (1×1, 3×3, 1×1) residual layer."""
+
+    def __init__(self, config: BcosConfig, in_channels, out_channels, stride=1):
+        super().__init__()
+        backbone = config.backbone_config
+        act = backbone.hidden_act
+        needs_shortcut = in_channels != out_channels or stride != 1
+        self.shortcut = BcosResNetShortCut(config, in_channels, out_channels, stride) if needs_shortcut else nn.Identity()
+        if backbone.layer_type == "bottleneck":
+            reduced = out_channels // 4
+            in_bottleneck = backbone.downsample_in_bottleneck
+            self.layer = nn.Sequential(
+                BcosResNetConvLayer(config, in_channels, reduced, 1, stride if in_bottleneck else 1, act),
+                BcosResNetConvLayer(config, reduced, reduced, 3, 1 if in_bottleneck else stride, act),
+                BcosResNetConvLayer(config, reduced, out_channels, 1, activation=None),
+            )
+        else:
+            self.layer = nn.Sequential(
+                BcosResNetConvLayer(config, in_channels, out_channels, 3, stride, act),
+                BcosResNetConvLayer(config, out_channels, out_channels, 3, activation=None),
+            )
+        self.activation = DetachableActivation(act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.layer(hidden_states) + self.shortcut(hidden_states))
+
+
+class BcosResNetBackbone(nn.Module):
+    """(N, 6, H, W) -> (N, C, h, w) feature map. The classifier is applied per position, then pooled."""
+
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        self.embedder = BcosResNetConvLayer(config, 6, backbone.embedding_size, 7, 2, backbone.hidden_act)
+        # Max pooling is piecewise linear: the selection needs no detaching.
+        self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stages = nn.ModuleList()
+        in_channels = backbone.embedding_size
+        for i, (out_channels, depth) in enumerate(zip(backbone.hidden_sizes, backbone.depths)):
+            stride = 2 if i > 0 or backbone.downsample_in_first_stage else 1
+            layers = [BcosResNetResidualLayer(config, in_channels, out_channels, stride)]
+            layers += [BcosResNetResidualLayer(config, out_channels, out_channels) for _ in range(depth - 1)]
+            self.stages.append(nn.Sequential(*layers))
+            in_channels = out_channels
+        self.num_features = backbone.hidden_sizes[-1]
+
+    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        hidden_states = self.pooler(self.embedder(encoded_pixel_values))
+        all_hidden_states = [hidden_states]
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            all_hidden_states.append(hidden_states)
+        return hidden_states, tuple(all_hidden_states) if output_hidden_states else None
+
+    @staticmethod
+    def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
+        # B-cos recipe: classify every position (a 1×1 B-cos conv), then average.
+        return classifier(features.permute(0, 2, 3, 1)).mean(dim=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# ConvNeXt
+# ----------------------------------------------------------------------------------------------
+
+
+class BcosConvNextLayer(nn.Module):
+    def __init__(self, config: BcosConfig, dim: int, drop_path: float = 0.0):
+        super().__init__()
+        backbone = config.backbone_config
+        self.dwconv = BcosConv2d(dim, dim, 7, padding=3, groups=dim, bias=config.use_bias, **_bcos_kwargs(config))
+        self.layernorm = BcosLayerNorm(dim, eps=1e-6, bias=config.use_bias)
+        self.pwconv1 = BcosLinear(dim, 4 * dim, bias=config.use_bias, **_bcos_kwargs(config))
+        self.activation = DetachableActivation(backbone.hidden_act)
+        self.pwconv2 = BcosLinear(4 * dim, dim, bias=config.use_bias, **_bcos_kwargs(config))
+        init_value = backbone.layer_scale_init_value
+        self.layer_scale_parameter = nn.Parameter(init_value * torch.ones(dim)) if init_value > 0 else None
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        residual = features
+        features = self.layernorm(self.dwconv(features).permute(0, 2, 3, 1))
+        features = self.pwconv2(self.activation(self.pwconv1(features)))
+        if self.layer_scale_parameter is not None:
+            features = self.layer_scale_parameter * features
+        return residual + self.drop_path(features.permute(0, 3, 1, 2))
+
+
+class BcosConvNextStage(nn.Module):
+    def __init__(self, config: BcosConfig, in_channels, out_channels, stride, depth, drop_path_rates):
+        super().__init__()
+        if in_channels != out_channels or stride > 1:
+            self.downsampling_layer = nn.ModuleList(
+                [
+                    BcosLayerNorm(in_channels, eps=1e-6, bias=config.use_bias, channels_first=True),
+                    BcosConv2d(in_channels, out_channels, 2, stride=stride, bias=config.use_bias, **_bcos_kwargs(config)),
+                ]
+            )
+        else:
+            self.downsampling_layer = nn.ModuleList()
+        self.layers = nn.ModuleList([BcosConvNextLayer(config, out_channels, rate) for rate in drop_path_rates])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        for layer in self.downsampling_layer:
+            features = layer(features)
+        for layer in self.layers:
+            features = layer(features)
+        return features
+
+
+class BcosConvNextBackbone(nn.Module):
+    """(N, 6, H, W) -> (N, C): stages, global average, final layer norm (as in ConvNeXt)."""
+
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        sizes = backbone.hidden_sizes
+        self.patch_embeddings = BcosConv2d(
+            6, sizes[0], backbone.patch_size, stride=backbone.patch_size, bias=config.use_bias, **_bcos_kwargs(config)
+        )
+        self.embedding_layernorm = BcosLayerNorm(sizes[0], eps=1e-6, bias=config.use_bias, channels_first=True)
+        rates = torch.linspace(0, backbone.drop_path_rate, sum(backbone.depths)).split(list(backbone.depths))
+        self.stages = nn.ModuleList()
+        in_channels = sizes[0]
+        for i, (out_channels, depth) in enumerate(zip(sizes, backbone.depths)):
+            stage = BcosConvNextStage(config, in_channels, out_channels, 2 if i > 0 else 1, depth, rates[i].tolist())
+            self.stages.append(stage)
+            in_channels = out_channels
+        self.layernorm = BcosLayerNorm(sizes[-1], eps=backbone.layer_norm_eps, bias=config.use_bias)
+        self.num_features = sizes[-1]
+
+    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        hidden_states = self.embedding_layernorm(self.patch_embeddings(encoded_pixel_values))
+        all_hidden_states = [hidden_states]
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            all_hidden_states.append(hidden_states)
+        pooled = self.layernorm(hidden_states.mean(dim=(-2, -1)))
+        return pooled, tuple(all_hidden_states) if output_hidden_states else None
+
+    @staticmethod
+    def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
+        return classifier(features)
+
+
+BACKBONES = {"vit": BcosViTBackbone, "resnet": BcosResNetBackbone, "convnext": BcosConvNextBackbone}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class BcosPreTrainedModel(PreTrainedModel):
+    config_class = BcosConfig
+    base_model_prefix = "backbone"
+    main_input_name = "pixel_values"
+    _no_split_modules = ["BcosViTLayer", "BcosResNetResidualLayer", "BcosConvNextLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BcosViTEmbeddings):
+            for token in (module.cls_token, module.position_embeddings, getattr(module, "distillation_token", None)):
+                if token is not None:
+                    init.trunc_normal_(token, std=0.02)
+        elif isinstance(module, BcosConvNextLayer) and module.layer_scale_parameter is not None:
+            init.constant_(module.layer_scale_parameter, self.config.backbone_config.layer_scale_init_value)
+
+    def _auto_map(self) -> dict:
+        return {"AutoConfig": "configuration_bcos.BcosConfig"}
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """Save weights, config (with ``auto_map``), the model's code and its image processor."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(self._auto_map())
+        self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process and self.config.image_processor:
+            with open(os.path.join(save_directory, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config.image_processor, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+
+def check_pixel_values(pixel_values, channels: int = 3, image_size=None, check_range: bool = True) -> None:
+    """Raise a ValueError/TypeError that names the problem with ``pixel_values``, if any."""
+    name = "pixel_values" if channels == 3 else "encoded_pixel_values"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, {channels}, H, W), got {type(pixel_values).__name__}.")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"{name} must have shape (N, {channels}, H, W), got shape {tuple(pixel_values.shape)}.")
+    if pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"{name} must have {channels} channels, got shape {tuple(pixel_values.shape)}"
+            + (" (B-cos models take RGB in [0, 1] and encode [x, 1-x] themselves)." if channels == 3 else ".")
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {pixel_values.dtype}.")
+    if image_size is not None and tuple(pixel_values.shape[-2:]) != tuple(image_size):
+        raise ValueError(f"This model takes images of size {tuple(image_size)}, got {tuple(pixel_values.shape[-2:])}.")
+    if torch.compiler.is_compiling() or pixel_values.numel() == 0:
+        return
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    if check_range:
+        low, high = torch.aminmax(pixel_values)
+        if low < -PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"{name} must lie in [0, 1], got values in [{low.item():.3g}, {high.item():.3g}]. B-cos models take "
+                "unnormalised pixels: use the model's image processor (do_normalize=False)."
+            )
+
+
+class BcosForImageClassification(BcosPreTrainedModel):
+    """A B-cos image classifier: ``logits = W(x)·x + logit_bias``, explained by `explain()`."""
+
+    def __init__(self, config: BcosConfig):
+        super().__init__(config)
+        self.backbone = BACKBONES[config.backbone_family](config)
+        self.classifier = BcosLinear(
+            self.backbone.num_features, config.num_labels, bias=config.use_bias, **_bcos_kwargs(config)
+        )
+        self.post_init()
+
+    def _auto_map(self) -> dict:
+        name = "modeling_bcos.BcosForImageClassification"
+        return {**super()._auto_map(), "AutoModel": name, "AutoModelForImageClassification": name}
+
+    def encode_inputs(self, pixel_values=None, encoded_pixel_values=None) -> torch.Tensor:
+        """Validate the input and return it in the 6-channel encoding [x, 1-x]."""
+        if (pixel_values is None) == (encoded_pixel_values is None):
+            raise ValueError("Pass exactly one of pixel_values (N, 3, H, W) or encoded_pixel_values (N, 6, H, W).")
+        if encoded_pixel_values is not None:
+            check_pixel_values(encoded_pixel_values, 6, self.config.image_size, check_range=False)
+            return encoded_pixel_values
+        check_pixel_values(pixel_values, 3, self.config.image_size)
+        return encode_pixel_values(pixel_values)
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        encoded_pixel_values: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        r"""
+        pixel_values (`torch.Tensor` of shape `(N, 3, H, W)`): RGB in [0, 1], not mean/std normalised.
+        labels (`torch.Tensor`, *optional*): class indices (N,) or target probabilities (N, C); the loss
+            is the B-cos binary cross-entropy (off-labels 1/C).
+        encoded_pixel_values (`torch.Tensor` of shape `(N, 6, H, W)`, *optional*): the input already
+            encoded as [x, 1-x], instead of ``pixel_values``.
+        """
+        x = self.encode_inputs(pixel_values, encoded_pixel_values)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        features, hidden_states = self.backbone(x.to(self.classifier.weight.dtype), output_hidden_states)
+        logits = self.backbone.pool(features, self.classifier) + self.config.logit_bias
+        loss = bcos_bce_loss(logits, labels) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    def explain(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        target: TargetType = None,
+        encoded_pixel_values: Optional[torch.Tensor] = None,
+    ) -> BcosExplanationOutput:
+        """Explain a batch of images exactly, with one forward and one backward pass.
+
+        Args:
+            pixel_values: (N, 3, H, W) RGB in [0, 1] (or ``encoded_pixel_values`` (N, 6, H, W)).
+            target: the class to explain: None (the predicted class), an int or a label name for
+                every image, or a sequence/tensor of N of them.
+
+        Returns:
+            A `BcosExplanationOutput`. ``explained_output`` is the target's logit minus the fixed
+            ``config.logit_bias``; ``contributions`` (N, H, W) sum to it exactly when the model has
+            no additive terms (``use_bias=False``, the B-cos default). The class token and the
+            position embeddings are attributed uniformly to the pixels of the image / of their
+            patch (see `BcosViTEmbeddings`), so they do not break completeness.
+            The model's train/eval mode is restored, and no gradient is left on it or the input.
+        """
+        x = self.encode_inputs(pixel_values, encoded_pixel_values)
+        if target is not None:  # validate before any work
+            resolve_targets(target, torch.empty(x.shape[0], self.config.num_labels), self.config.label2id)
+        x = x.to(self.classifier.weight.dtype)
+
+        def explained_output(inputs):
+            logits = self(encoded_pixel_values=inputs).logits
+            targets = resolve_targets(target, logits.detach(), self.config.label2id)
+            output = logits.gather(1, targets[:, None]).squeeze(1) - self.config.logit_bias
+            return output, (logits.detach(), targets)
+
+        weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output)
+        return BcosExplanationOutput(
+            contributions=(weights * x).sum(1),
+            dynamic_linear_weights=weights,
+            target=targets,
+            explained_output=output,
+            logits=logits,
+            encoded_pixel_values=x.detach(),
+        )
+
+
+BcosConfig.register_for_auto_class()
+BcosForImageClassification.register_for_auto_class("AutoModelForImageClassification")
