@@ -61,10 +61,10 @@ def resolve_targets(target: TargetType, logits: torch.Tensor, label2id: Optional
         targets = target.reshape(-1).tolist()
         if target.dim() == 0:
             targets = targets * n
-    elif isinstance(target, (int, str)):
-        targets = [index_of(target)] * n
-    else:
+    elif isinstance(target, (list, tuple)):
         targets = [index_of(t) for t in target]
+    else:
+        targets = [index_of(target)] * n
     if len(targets) != n:
         raise ValueError(f"Got {len(targets)} targets for a batch of {n} images.")
     bad = [t for t in targets if not 0 <= t < num_classes]

@@ -335,7 +335,8 @@ class BcosCLIPModel(BcosPreTrainedModel):
     def _find_tokenizer(self):
         if self.tokenizer is None and getattr(self.config, "_name_or_path", ""):
             try:  # the folder (or Hub repository) the model was loaded from
-                self.tokenizer = AutoTokenizer.from_pretrained(self.config._name_or_path)
+                # config= spares AutoTokenizer from loading this (remote-code) config again.
+                self.tokenizer = AutoTokenizer.from_pretrained(self.config._name_or_path, config=self.config)
             except (OSError, ValueError, TypeError):
                 pass
         return self.tokenizer
@@ -411,7 +412,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
         """
         if input_ids is None:
             raise ValueError("forward needs input_ids (the tokenised texts) and pixel_values (the images).")
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         vision_outputs = self.get_image_features(pixel_values, encoded_pixel_values)
         text_outputs = self.get_text_features(input_ids, attention_mask, position_ids)
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
