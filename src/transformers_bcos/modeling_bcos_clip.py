@@ -49,7 +49,8 @@ def _bcos_kwargs(config: BcosCLIPConfig) -> dict:
 
 
 def _check_cosine_power(cosine_power) -> float:
-    if isinstance(cosine_power, bool) or not isinstance(cosine_power, (int, float)) or not math.isfinite(cosine_power) or cosine_power <= 0:
+    valid = isinstance(cosine_power, (int, float)) and not isinstance(cosine_power, bool)
+    if not valid or not math.isfinite(cosine_power) or cosine_power <= 0:
         raise ValueError(f"cosine_power must be a finite number > 0, got {cosine_power!r}.")
     return float(cosine_power)
 
@@ -182,7 +183,8 @@ class BcosCLIPVisionTransformer(nn.Module):
         hidden_states = self.pre_layernorm(self.embeddings(encoded_pixel_values))
         for layer in self.layers:
             hidden_states = layer(hidden_states)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=self.post_layernorm(hidden_states[:, 0]))
+        class_token = self.post_layernorm(hidden_states[:, 0])
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=class_token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +289,13 @@ class BcosCLIPModel(BcosPreTrainedModel):
         for parameter in (*self.text_model.parameters(), *self.text_projection.parameters(), self.logit_scale):
             parameter.requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading replaces every parameter by a new one that requires grad: freeze the text side again.
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_text_tower()
+        return loaded
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -362,7 +371,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
             max_length=self.config.text_config.max_position_embeddings,
             return_tensors="pt",
         )
-        return {"input_ids": encoding["input_ids"].to(self.device), "attention_mask": encoding["attention_mask"].to(self.device)}
+        return {key: encoding[key].to(self.device) for key in ("input_ids", "attention_mask")}
 
     @staticmethod
     def _check_input_ids(input_ids, attention_mask) -> None:
@@ -372,7 +381,8 @@ class BcosCLIPModel(BcosPreTrainedModel):
             raise ValueError("input_ids holds no text: pass at least one token sequence.")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape {tuple(input_ids.shape)}."
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}."
             )
 
     # ------------------------------------------------------------------------------ features
@@ -387,7 +397,9 @@ class BcosCLIPModel(BcosPreTrainedModel):
     def get_text_features(self, input_ids, attention_mask=None, position_ids=None) -> BaseModelOutputWithPooling:
         """Text embeddings (T, D) as ``pooler_output`` (not normalised): the source CLIP's, unchanged."""
         self._check_input_ids(input_ids, attention_mask)
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True)
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+        )
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
         return outputs
 
@@ -510,7 +522,8 @@ class BcosCLIPModel(BcosPreTrainedModel):
         if isinstance(class_names, str) or not isinstance(class_names, (list, tuple)) or not class_names:
             raise ValueError("class_names must be a non-empty list of strings.")
         if len(set(class_names)) != len(class_names):
-            raise ValueError(f"class_names holds duplicates: {sorted({c for c in class_names if class_names.count(c) > 1})}.")
+            duplicates = sorted({name for name in class_names if class_names.count(name) > 1})
+            raise ValueError(f"class_names holds duplicates: {duplicates}.")
         if isinstance(templates, str):
             templates = [templates]
         if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):

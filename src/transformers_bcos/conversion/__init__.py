@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from ..configuration_bcos import SUPPORTED_BACKBONES, BcosConfig
+from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES
 from ..modeling_bcos import BcosForImageClassification
 
 try:
@@ -173,6 +174,15 @@ def _check_model_type(model_type: str, where: str) -> None:
         )
 
 
+def _is_clip_source(src, **kwargs) -> bool:
+    """Whether ``src`` (a model, or a folder / Hub id) is a CLIP model, converted by `bcosify_clip`."""
+    if isinstance(src, PreTrainedModel):
+        return src.config.model_type in SUPPORTED_CLIP_TYPES
+    if isinstance(src, (str, os.PathLike)):
+        return AutoConfig.from_pretrained(src, **kwargs).model_type in SUPPORTED_CLIP_TYPES
+    return False
+
+
 def _load_source(src, image_processor, **kwargs):
     if isinstance(src, PreTrainedModel):
         _check_model_type(src.config.model_type, type(src).__name__)
@@ -251,6 +261,15 @@ def bcosify_pretrained(
         raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
     if not isinstance(keep_bias, bool):
         raise TypeError(f"keep_bias must be a bool, got {type(keep_bias).__name__}.")
+    if _is_clip_source(src, **from_pretrained_kwargs):
+        from .clip import bcosify_clip  # imported here: conversion/clip.py imports this module
+
+        if logit_bias is not None:
+            raise ValueError("logit_bias applies to image classifiers; a B-cos CLIP model has no logit bias.")
+        tokenizer = from_pretrained_kwargs.pop("tokenizer", None)
+        return bcosify_clip(
+            src, b=b, keep_bias=keep_bias, image_processor=image_processor, tokenizer=tokenizer, **from_pretrained_kwargs
+        )
     source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
     mean, std, processor_dict = _processor_settings(processor)
 

@@ -200,7 +200,8 @@ class CLIPImageTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.clip.get_image_features(pixel_values=(pixel_values.to(self.image_mean.dtype) - self.image_mean) / self.image_std)
+        normalized = (pixel_values.to(self.image_mean.dtype) - self.image_mean) / self.image_std
+        features = self.clip.get_image_features(pixel_values=normalized)
         # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding.
         return features.pooler_output if isinstance(features, ModelOutput) else features
 
