@@ -267,3 +267,70 @@ class DetachableActivation(ExplainableModule):
         if self.explanation_mode:
             return self.gate(x).detach() * x
         return self.function(x)
+
+
+def patch_unit_means(encoded_pixel_values: torch.Tensor, patch_size) -> tuple:
+    """Means of (x_c + (1 - x_c)) per patch (N, T) and per image (N,).
+
+    Identically 1 for an encoded image, yet linear in the input: multiplying a constant (a class
+    token, a position embedding) by them leaves the forward value unchanged while making the
+    constant's evidence attributable, uniformly, to the pixels it belongs to, so explanations stay
+    complete.
+    """
+    ones = encoded_pixel_values[:, :3] + encoded_pixel_values[:, 3:]
+    per_patch = F.avg_pool2d(ones, patch_size, stride=patch_size).mean(1).flatten(1)
+    return per_patch, per_patch.mean(1)
+
+
+class BcosSelfAttention(ExplainableModule):
+    """Multi-head self-attention with B-cos projections; the attention matrix detaches.
+
+    ``projection_order`` is the order in which the source model registers its q/k/v projections
+    ("qkv" for ViT, "kvq" for CLIP): conversion pairs layers in module order.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        projection_order: str = "qkv",
+        b: float = 2.0,
+        normalize_weights: bool = False,
+    ):
+        super().__init__()
+        if sorted(projection_order) != ["k", "q", "v"]:
+            raise ValueError(f"projection_order must be a permutation of 'qkv', got {projection_order!r}.")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        for name in projection_order:
+            self.add_module(f"{name}_proj", BcosLinear(hidden_size, hidden_size, qkv_bias, b, normalize_weights))
+        self.o_proj = BcosLinear(hidden_size, hidden_size, out_bias, b, normalize_weights)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = hidden_states.shape
+        shape = (batch_size, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.explanation_mode:
+            # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
+            query, key = query.detach(), key.detach()
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
+
+
+class BcosMlp(nn.Module):
+    """B-cos linear -> detachable activation -> B-cos linear (a transformer MLP)."""
+
+    def __init__(self, in_features: int, hidden_features: int, activation: str, bias: bool = False, b: float = 2.0, normalize_weights: bool = False):
+        super().__init__()
+        self.fc1 = BcosLinear(in_features, hidden_features, bias, b, normalize_weights)
+        self.activation = DetachableActivation(activation)
+        self.fc2 = BcosLinear(hidden_features, in_features, bias, b, normalize_weights)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))

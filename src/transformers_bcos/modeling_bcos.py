@@ -27,9 +27,11 @@ from .layers import (
     BcosConv2d,
     BcosLayerNorm,
     BcosLinear,
+    BcosMlp,
+    BcosSelfAttention,
     DetachableActivation,
-    ExplainableModule,
     encode_pixel_values,
+    patch_unit_means,
 )
 
 try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
@@ -87,10 +89,10 @@ class BcosViTEmbeddings(nn.Module):
     """Patch embedding plus class (and distillation) token and learned position embeddings.
 
     The tokens and position embeddings are constants, which would break completeness. Each is
-    multiplied by a mean of (x_c + (1 - x_c)) over the pixels it belongs to (the whole image for
-    prefix tokens, the patch for a patch's position embedding): identically 1 for an encoded
-    image, so the forward value is unchanged, but linear in the input, so the explanation
-    attributes each constant uniformly to its pixels and stays complete.
+    multiplied by `patch_unit_means` over the pixels it belongs to (the whole image for prefix
+    tokens, the patch for a patch's position embedding): identically 1 for an encoded image, so
+    the forward value is unchanged, but linear in the input, so the explanation attributes each
+    constant uniformly to its pixels and stays complete.
     """
 
     def __init__(self, config: BcosConfig):
@@ -114,9 +116,7 @@ class BcosViTEmbeddings(nn.Module):
     def forward(self, encoded_pixel_values: torch.Tensor) -> torch.Tensor:
         batch_size = encoded_pixel_values.shape[0]
         patches = self.patch_embeddings(encoded_pixel_values).flatten(2).transpose(1, 2)
-        ones = encoded_pixel_values[:, :3] + encoded_pixel_values[:, 3:]
-        per_patch = F.avg_pool2d(ones, self.patch_size, stride=self.patch_size).mean(1).flatten(1)
-        per_image = per_patch.mean(1)
+        per_patch, per_image = patch_unit_means(encoded_pixel_values, self.patch_size)
 
         prefix = [self.cls_token] + ([self.distillation_token] if self.num_prefix_tokens == 2 else [])
         prefix = torch.cat(prefix, dim=1) + self.position_embeddings[:, : self.num_prefix_tokens]
@@ -125,56 +125,23 @@ class BcosViTEmbeddings(nn.Module):
         return self.dropout(torch.cat([prefix, patches], dim=1))
 
 
-class BcosViTAttention(ExplainableModule):
-    """Multi-head self-attention with B-cos projections; the attention matrix detaches."""
-
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        hidden_size = backbone.hidden_size
-        self.num_heads = backbone.num_attention_heads
-        self.head_dim = hidden_size // self.num_heads
-        self.dropout = backbone.attention_probs_dropout_prob
-        qkv_bias = config.use_bias and backbone.qkv_bias
-        inner = self.num_heads * self.head_dim
-        self.q_proj = BcosLinear(hidden_size, inner, bias=qkv_bias, **_bcos_kwargs(config))
-        self.k_proj = BcosLinear(hidden_size, inner, bias=qkv_bias, **_bcos_kwargs(config))
-        self.v_proj = BcosLinear(hidden_size, inner, bias=qkv_bias, **_bcos_kwargs(config))
-        self.o_proj = BcosLinear(inner, hidden_size, bias=config.use_bias, **_bcos_kwargs(config))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch_size, length, _ = hidden_states.shape
-        shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.explanation_mode:
-            # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
-            query, key = query.detach(), key.detach()
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
-
-
-class BcosViTMLP(nn.Module):
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        self.fc1 = BcosLinear(backbone.hidden_size, backbone.intermediate_size, bias=config.use_bias, **_bcos_kwargs(config))
-        self.activation = DetachableActivation(backbone.hidden_act)
-        self.fc2 = BcosLinear(backbone.intermediate_size, backbone.hidden_size, bias=config.use_bias, **_bcos_kwargs(config))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
-
-
 class BcosViTLayer(nn.Module):
     def __init__(self, config: BcosConfig):
         super().__init__()
         backbone = config.backbone_config
-        self.attention = BcosViTAttention(config)
+        self.attention = BcosSelfAttention(
+            backbone.hidden_size,
+            backbone.num_attention_heads,
+            dropout=backbone.attention_probs_dropout_prob,
+            qkv_bias=config.use_bias and backbone.qkv_bias,
+            out_bias=config.use_bias,
+            **_bcos_kwargs(config),
+        )
         self.layernorm_before = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
         self.layernorm_after = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
-        self.mlp = BcosViTMLP(config)
+        self.mlp = BcosMlp(
+            backbone.hidden_size, backbone.intermediate_size, backbone.hidden_act, config.use_bias, **_bcos_kwargs(config)
+        )
         self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

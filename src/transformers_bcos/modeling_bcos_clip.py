@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_bcos_clip import BcosCLIPConfig
 from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets, rgba_explanation
-from .layers import BcosConv2d, BcosLayerNorm, BcosLinear, DetachableActivation, ExplainableModule, encode_pixel_values
+from .layers import BcosConv2d, BcosLayerNorm, BcosLinear, BcosMlp, BcosSelfAttention, encode_pixel_values, patch_unit_means
 from .modeling_bcos import BcosPreTrainedModel, check_pixel_values
 
 try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
@@ -75,10 +75,9 @@ class BcosCLIPVisionEmbeddings(nn.Module):
     """Patch embedding, class embedding and learned position embeddings, as in CLIP.
 
     The class embedding and the position embeddings are constants, which would break
-    completeness. Each is multiplied by a mean of (x_c + (1 - x_c)) over the pixels it belongs to
-    (the whole image for the class token, the patch for a patch's position embedding):
-    identically 1 for an encoded image, so the forward value is unchanged, but linear in the
-    input, so an explanation attributes each constant uniformly to its pixels and stays complete.
+    completeness. Each is multiplied by `patch_unit_means` over the pixels it belongs to (the
+    whole image for the class token, the patch for a patch's position embedding), as in
+    `BcosViTEmbeddings`.
     """
 
     def __init__(self, config: BcosCLIPConfig):
@@ -100,56 +99,11 @@ class BcosCLIPVisionEmbeddings(nn.Module):
     def forward(self, encoded_pixel_values: torch.Tensor) -> torch.Tensor:
         batch_size = encoded_pixel_values.shape[0]
         patches = self.patch_embedding(encoded_pixel_values).flatten(2).transpose(1, 2)
-        ones = encoded_pixel_values[:, :3] + encoded_pixel_values[:, 3:]
-        per_patch = F.avg_pool2d(ones, self.patch_size, stride=self.patch_size).mean(1).flatten(1)
-        per_image = per_patch.mean(1)
+        per_patch, per_image = patch_unit_means(encoded_pixel_values, self.patch_size)
 
         class_token = (self.class_embedding + self.position_embedding[0]) * per_image.view(batch_size, 1, 1)
         patches = patches + self.position_embedding[1:] * per_patch.unsqueeze(-1)
         return torch.cat([class_token, patches], dim=1)
-
-
-class BcosCLIPAttention(ExplainableModule):
-    """Multi-head self-attention with B-cos projections; the attention matrix detaches."""
-
-    def __init__(self, config: BcosCLIPConfig):
-        super().__init__()
-        vision = config.vision_config
-        hidden_size = vision.hidden_size
-        self.num_heads = vision.num_attention_heads
-        self.head_dim = hidden_size // self.num_heads
-        self.dropout = vision.attention_dropout
-        kwargs = {"bias": config.use_bias, **_bcos_kwargs(config)}
-        # Registration order mirrors CLIPAttention (k, v, q, out): the converter pairs by order.
-        self.k_proj = BcosLinear(hidden_size, hidden_size, **kwargs)
-        self.v_proj = BcosLinear(hidden_size, hidden_size, **kwargs)
-        self.q_proj = BcosLinear(hidden_size, hidden_size, **kwargs)
-        self.out_proj = BcosLinear(hidden_size, hidden_size, **kwargs)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch_size, length, _ = hidden_states.shape
-        shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.explanation_mode:
-            # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
-            query, key = query.detach(), key.detach()
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
-
-
-class BcosCLIPMLP(nn.Module):
-    def __init__(self, config: BcosCLIPConfig):
-        super().__init__()
-        vision = config.vision_config
-        kwargs = {"bias": config.use_bias, **_bcos_kwargs(config)}
-        self.fc1 = BcosLinear(vision.hidden_size, vision.intermediate_size, **kwargs)
-        self.activation = DetachableActivation(vision.hidden_act)
-        self.fc2 = BcosLinear(vision.intermediate_size, vision.hidden_size, **kwargs)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
 
 
 class BcosCLIPEncoderLayer(nn.Module):
@@ -158,9 +112,18 @@ class BcosCLIPEncoderLayer(nn.Module):
     def __init__(self, config: BcosCLIPConfig):
         super().__init__()
         vision = config.vision_config
-        self.self_attn = BcosCLIPAttention(config)
+        # CLIPAttention registers k, v, q: the converter pairs layers in module order.
+        self.self_attn = BcosSelfAttention(
+            vision.hidden_size,
+            vision.num_attention_heads,
+            dropout=vision.attention_dropout,
+            qkv_bias=config.use_bias,
+            out_bias=config.use_bias,
+            projection_order="kvq",
+            **_bcos_kwargs(config),
+        )
         self.layer_norm1 = BcosLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps, bias=config.use_bias)
-        self.mlp = BcosCLIPMLP(config)
+        self.mlp = BcosMlp(vision.hidden_size, vision.intermediate_size, vision.hidden_act, config.use_bias, **_bcos_kwargs(config))
         self.layer_norm2 = BcosLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps, bias=config.use_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
