@@ -162,6 +162,44 @@ def pair_units(source: nn.Module, target: nn.Module) -> list:
     return pairs
 
 
+def copy_units(source: nn.Module, target: nn.Module, mean, std) -> set:
+    """Copy every unit of ``source`` into its paired unit of ``target`` (validated first).
+
+    The first convolution gets the input normalisation (``mean``, ``std``) folded in. Returns the
+    ids of the target tensors written.
+    """
+    pairs = pair_units(source, target)
+    written = set()
+    with torch.no_grad():
+        first_conv = True
+        for kind, s, d in pairs:
+            if kind == "parameter":
+                convert_parameter(s, d)
+                written.add(id(d))
+                continue
+            if kind == "conv" and first_conv:
+                convert_input_conv(s, d, mean, std)
+                first_conv = False
+            else:
+                CONVERTER_RULES[kind][1](s, d)
+            written.update(id(t) for t in (*d.parameters(recurse=False), *d.buffers(recurse=False)))
+    return written
+
+
+def check_all_written(model: nn.Module, written: set) -> None:
+    """Every tensor must come from the source: never hand out uninitialised memory."""
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
+    if missing:
+        raise RuntimeError(f"Conversion left tensors without a source: {missing[:5]}")
+
+
+def check_conversion_arguments(b, keep_bias) -> None:
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+        raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
+    if not isinstance(keep_bias, bool):
+        raise TypeError(f"keep_bias must be a bool, got {type(keep_bias).__name__}.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading the source
 # ----------------------------------------------------------------------------------------------
@@ -257,10 +295,7 @@ def bcosify_pretrained(
     Returns:
         A `BcosForImageClassification` in the source's dtype, in eval mode.
     """
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
-        raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
-    if not isinstance(keep_bias, bool):
-        raise TypeError(f"keep_bias must be a bool, got {type(keep_bias).__name__}.")
+    check_conversion_arguments(b, keep_bias)
     if _is_clip_source(src, **from_pretrained_kwargs):
         from .clip import bcosify_clip  # imported here: conversion/clip.py imports this module
 
@@ -289,22 +324,6 @@ def bcosify_pretrained(
     dtype = next(source.parameters()).dtype
     model.to(dtype)
 
-    pairs = pair_units(source, model)
-    written = set()
-    with torch.no_grad():
-        first_conv = True
-        for kind, s, d in pairs:
-            if kind == "parameter":
-                convert_parameter(s, d)
-                written.add(id(d))
-                continue
-            if kind == "conv" and first_conv:
-                convert_input_conv(s, d, mean, std)
-                first_conv = False
-            else:
-                CONVERTER_RULES[kind][1](s, d)
-            written.update(id(t) for t in (*d.parameters(recurse=False), *d.buffers(recurse=False)))
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
-    if missing:  # every tensor must come from the source; never leave uninitialised memory
-        raise RuntimeError(f"Conversion left tensors without a source: {missing[:5]}")
+    written = copy_units(source, model, mean, std)
+    check_all_written(model, written)
     return model.eval()

@@ -8,7 +8,6 @@ unchanged. The B-cos image tower then learns to match the original one by distil
 """
 
 import copy
-import math
 import os
 from typing import Union
 
@@ -20,7 +19,7 @@ from transformers.utils import ModelOutput, logging
 
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES, BcosCLIPConfig
 from ..modeling_bcos_clip import BcosCLIPModel
-from . import CONVERTER_RULES, _processor_settings, convert_input_conv, convert_parameter, pair_units
+from . import _processor_settings, check_all_written, check_conversion_arguments, copy_units
 
 try:
     from transformers.initialization import no_init_weights
@@ -107,10 +106,7 @@ def bcosify_clip(
     Returns:
         A `BcosCLIPModel` in the source's dtype, in eval mode, with a frozen text tower.
     """
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
-        raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
-    if not isinstance(keep_bias, bool):
-        raise TypeError(f"keep_bias must be a bool, got {type(keep_bias).__name__}.")
+    check_conversion_arguments(b, keep_bias)
     source, processor, tokenizer = _load_clip_source(src, image_processor, tokenizer, **from_pretrained_kwargs)
     if tokenizer is None:
         logger.warning("No tokenizer found for the source CLIP: pass tokenizer= to tokenise text with the model.")
@@ -125,34 +121,21 @@ def bcosify_clip(
 
     # The image tower: B-cos units paired with the source's by kind and order, shapes checked.
     try:
-        pairs = pair_units(
+        written = copy_units(
             nn.ModuleList([source.vision_model, source.visual_projection]),
             nn.ModuleList([model.vision_model, model.visual_projection]),
+            mean,
+            std,
         )
     except ValueError as error:
         raise ValueError(f"Cannot convert the image tower of this {type(source).__name__}: {error}") from error
-    written = set()
     with torch.no_grad():
-        first_conv = True
-        for kind, s, d in pairs:
-            if kind == "parameter":
-                convert_parameter(s, d)
-                written.add(id(d))
-                continue
-            if kind == "conv" and first_conv:
-                convert_input_conv(s, d, mean, std)
-                first_conv = False
-            else:
-                CONVERTER_RULES[kind][1](s, d)
-            written.update(id(t) for t in (*d.parameters(recurse=False), *d.buffers(recurse=False)))
         # The text side: the same transformers classes, copied unchanged.
         _copy_same_class(source.text_model, model.text_model, written)
         _copy_same_class(source.text_projection, model.text_projection, written)
         model.logit_scale.copy_(source.logit_scale)
         written.add(id(model.logit_scale))
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
-    if missing:  # every tensor must come from the source; never leave uninitialised memory
-        raise RuntimeError(f"Conversion left tensors without a source: {missing[:5]}")
+    check_all_written(model, written)
     model.tokenizer = tokenizer
     return model.eval()
 
