@@ -83,6 +83,7 @@ def test_explain_has_no_side_effects_and_repeats(models, mnist_images):
     torch.testing.assert_close(first.dynamic_linear_weights, second.dynamic_linear_weights, rtol=0, atol=0)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while explaining
     assert x.grad is None and not x.requires_grad
     assert not any(m.explanation_mode for m in model.modules() if isinstance(m, ExplainableModule))
     model.eval()

@@ -87,8 +87,13 @@ def dynamic_linear_weights(
     weights come back as (N, T, C, H, W), one backward pass per slot.
     """
     was_training = model.training
+    # Only the input needs a gradient: with the parameters frozen meanwhile, autograd keeps no
+    # activations for weight gradients, which halves explain()'s memory.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.enable_grad(), explanation_mode(model):
             x = encoded_inputs.detach().requires_grad_(True)
             y, aux = explained_output(x)
@@ -102,6 +107,8 @@ def dynamic_linear_weights(
                     slots.append(w)
                 weights = torch.stack(slots, dim=1).reshape(*y.shape, *x.shape[1:])
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
     return weights.detach(), y.detach(), aux
 

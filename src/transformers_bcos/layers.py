@@ -10,6 +10,7 @@ standard library only.
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,43 @@ def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.cat([pixel_values, 1.0 - pixel_values], dim=1)
 
 
+class _SquareScale(torch.autograd.Function):
+    """y = out·|out| / norm (the b = 2 B-cos non-linearity) with a hand-written backward.
+
+    Autograd through the plain expression keeps |out|, the quotient and the product alive for
+    the backward pass; this keeps only ``out`` (needed anyway) and ``1/norm`` (one channel for
+    ungrouped layers), and does fewer passes over the activations.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+        inv_norm = input_norm.reciprocal()
+        ctx.save_for_backward(out, inv_norm)
+        return out * out.abs() * inv_norm
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, inv_norm = ctx.saved_tensors
+        abs_over_norm = out.abs() * inv_norm
+        grad_out = grad * abs_over_norm * 2.0
+        grad_norm = None
+        if ctx.needs_input_grad[1]:  # d(out|out|/n)/dn = -out|out|/n², summed over broadcast dims
+            grad_norm = (grad * out * abs_over_norm * inv_norm).neg_().sum_to_size(inv_norm.shape)
+        return grad_out, grad_norm
+
+
 def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
     """Return ``out * |cos(x, w)|^(b-1) * ||w||^(b-1)``, the B-cos non-linearity.
 
     ``out`` is the linear response w·x (+ bias), ``input_norm`` the L2 norm of the input patch.
+    With ``detach`` (explanation mode) the scale is a constant and y is linear in ``out``.
     """
+    if b == 2 and not detach:
+        return _SquareScale.apply(out, input_norm)
     if b == 2:
         scale = out.abs() / input_norm
     else:
+        # +1e-6 keeps the gradient of the power finite where the response is 0.
         scale = (out.abs() / input_norm + 1e-6).pow(b - 1)
     if detach:
         scale = scale.detach()
@@ -106,16 +136,30 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         squared = x.pow(2)
         if self.groups == 1:
             squared = squared.sum(1, keepdim=True)
-            ones = x.new_ones(1, 1, *self.kernel_size)
-        else:
-            ones = x.new_ones(self.groups, self.in_channels // self.groups, *self.kernel_size)
-        # A convolution with an all-ones kernel sums x² over each receptive field, with the conv's
-        # own stride, padding and dilation, so the norm lines up with the output positions.
-        summed = F.conv2d(squared, ones, None, self.stride, self.padding, self.dilation, self.groups)
+        elif self.in_channels != self.groups:
+            squared = squared.unflatten(1, (self.groups, -1)).sum(2)
+        summed = self._receptive_field_sum(squared)
         norm = (summed + NORM_EPS).sqrt()
         if self.groups > 1 and self.out_channels != self.groups:
             norm = norm.repeat_interleave(self.out_channels // self.groups, dim=1)
         return norm
+
+    def _receptive_field_sum(self, squared: torch.Tensor) -> torch.Tensor:
+        """Sum ``squared`` (one channel per group) over each receptive field of the conv."""
+        kh, kw = self.kernel_size
+        no_padding = self.padding == "valid" or self.padding == (0, 0)
+        if (kh, kw) == (1, 1) and no_padding:  # 1×1 convs: the norm is per position
+            return squared[..., :: self.stride[0], :: self.stride[1]]
+        channels = squared.shape[1]
+        if self.stride == (1, 1) and self.dilation == (1, 1) and isinstance(self.padding, tuple) and kh * kw > 9:
+            # A box filter is separable: a k×1 then a 1×k sum costs 2k instead of k² per output,
+            # which matters for large depthwise kernels (ConvNeXt's 7×7).
+            rows = F.conv2d(squared, squared.new_ones(channels, 1, kh, 1), None, 1, (self.padding[0], 0), 1, channels)
+            return F.conv2d(rows, squared.new_ones(channels, 1, 1, kw), None, 1, (0, self.padding[1]), 1, channels)
+        # A convolution with an all-ones kernel sums over each receptive field, with the conv's own
+        # stride, padding and dilation, so the norm lines up with the output positions.
+        ones = squared.new_ones(channels, 1, kh, kw)
+        return F.conv2d(squared, ones, None, self.stride, self.padding, self.dilation, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -149,12 +193,52 @@ class BcosLinear(ExplainableModule, nn.Linear):
             return self.weight
         return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def input_norm(x: torch.Tensor) -> torch.Tensor:
+        return (x.pow(2).sum(-1, keepdim=True) + NORM_EPS).sqrt()
+
+    def forward(self, x: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_norm``: ``BcosLinear.input_norm(x)`` when several layers share the input."""
         out = F.linear(x, self._weight(), self.bias)
         if self.b == 1:
             return out
-        norm = (x.pow(2).sum(-1, keepdim=True) + NORM_EPS).sqrt()
-        return bcos_scale(out, norm, self.b, self.explanation_mode)
+        if input_norm is None:
+            input_norm = self.input_norm(x)
+        return bcos_scale(out, input_norm, self.b, self.explanation_mode)
+
+
+class _UncenteredBatchNormTraining(torch.autograd.Function):
+    """y = x · weight / std_batch(x) with batch statistics, through the native batch-norm kernels.
+
+    Computing the statistics with ``var_mean`` and letting autograd differentiate it was 2-3× slower
+    on CPU than the fused kernels of standard batch norm; here the native kernels compute the
+    statistics (and update the running buffers) and the per-channel sums of the backward pass.
+    With x̂ = (x - μ)·s and s = 1/std: dL/dx = w·s·(g - x̂·(mean(g·x̂) + μ·s·mean(g))) and
+    dL/dw = Σ g·x̂ + μ·s·Σ g.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, running_mean, running_var, momentum, eps):
+        centred, mean, invstd = torch.native_batch_norm(x, weight, None, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return centred.add_((mean * invstd * weight).to(centred.dtype).view(1, -1, 1, 1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        _, sum_grad_xhat, sum_grad = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )
+        count = x.numel() // x.shape[1]
+        mean_s = mean * invstd
+        correction = (sum_grad_xhat + mean_s * sum_grad) / count
+        gain = weight * invstd
+        shape = (1, -1, 1, 1)
+        grad_x = grad * gain.to(grad.dtype).view(shape) - (x - mean.to(x.dtype).view(shape)) * (gain * invstd * correction).to(x.dtype).view(shape)
+        grad_weight = sum_grad_xhat + mean_s * sum_grad
+        return grad_x, grad_weight, None, None, None, None
 
 
 class BcosBatchNorm2d(ExplainableModule, nn.BatchNorm2d):
@@ -174,23 +258,20 @@ class BcosBatchNorm2d(ExplainableModule, nn.BatchNorm2d):
     def centered(self) -> bool:
         return self.bias is not None
 
-    def _batch_statistics(self, x: torch.Tensor):
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            count = x.numel() // x.shape[1]
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-            unbiased = var.detach() * (count / max(count - 1, 1))
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        return mean, var
+    def _momentum(self) -> float:
+        """The running-average factor of this step (cumulative average when momentum is None)."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / float(self.num_batches_tracked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.centered and not self.explanation_mode:
             return super().forward(x)
+        if self.training and not self.explanation_mode and not self.centered:
+            self.num_batches_tracked.add_(1)
+            return _UncenteredBatchNormTraining.apply(x, self.weight, self.running_mean, self.running_var, self._momentum(), self.eps)
         if self.training:
-            mean, var = self._batch_statistics(x)
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         else:
             mean, var = self.running_mean, self.running_var
         inv_std = torch.rsqrt(var + self.eps)
@@ -313,9 +394,10 @@ class BcosSelfAttention(ExplainableModule):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        norm = BcosLinear.input_norm(hidden_states)  # q, k and v share their input
+        query = self.q_proj(hidden_states, norm).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states, norm).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states, norm).view(shape).transpose(1, 2)
         if self.explanation_mode:
             # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
             query, key = query.detach(), key.detach()

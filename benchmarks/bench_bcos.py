@@ -1,0 +1,454 @@
+"""Speed and memory of B-cos layers, B-cosified models, explanations and conversion.
+
+Every figure is a ratio measured side by side in this one run: the variants are timed in
+interleaved repeats and the medians compared. Prints markdown tables and writes JSON.
+
+    python benchmarks/bench_bcos.py                      # CPU, 1 thread, batch 8, all sections
+    python benchmarks/bench_bcos.py --device cuda --batch 64 --dtype bfloat16
+
+On CPU the process re-executes itself with fixed glibc malloc settings (freed memory is kept and
+reused instead of being returned to the OS), because timings of fresh large allocations were
+dominated by page faults under the defaults.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024**3)}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype on GPU")
+    parser.add_argument("--sections", default="layers,models,explain,memory,conversion")
+    parser.add_argument("--models", default="resnet50,convnext_tiny,vit_small")
+    parser.add_argument("--ig-steps", type=int, default=50)
+    parser.add_argument("--json", default="benchmarks/results.json")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "TASK"), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def source_model(name: str, image_size: int = 224):
+    from transformers import (
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    if name == "resnet50":
+        return ResNetForImageClassification(ResNetConfig(num_labels=1000))
+    if name == "convnext_tiny":
+        return ConvNextForImageClassification(ConvNextConfig(num_labels=1000))
+    if name == "vit_small":
+        return ViTForImageClassification(
+            ViTConfig(
+                image_size=image_size, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=1000
+            )
+        )
+    if name == "vit_base":
+        return ViTForImageClassification(ViTConfig(image_size=image_size, num_labels=1000))
+    raise ValueError(name)
+
+
+def processor(size: int):
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+def model_pair(name: str, args):
+    import torch
+
+    from transformers_bcos import bcosify_pretrained
+
+    torch.manual_seed(0)
+    standard = source_model(name, args.image_size)
+    bcos = bcosify_pretrained(standard, image_processor=processor(args.image_size))
+    return standard.to(args.device), bcos.to(args.device)
+
+
+def synchronize(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(variants: dict, repeats: int, device: str) -> dict:
+    """name -> median seconds of ``fn()``, the variants timed in turn after one warm-up each."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def autocast(args):
+    import contextlib
+
+    import torch
+
+    if args.dtype == "bfloat16":
+        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def training_step(model, x, labels, optimizer, args):
+    with autocast(args):
+        loss = model(pixel_values=x, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+# (name, in channels, out channels, kernel, stride, groups, input size at 224 px)
+LAYER_SHAPES = [
+    ("ResNet-50 stem 7×7/2", 3, 64, 7, 2, 1, 224),
+    ("ResNet-50 3×3 stage 1", 64, 64, 3, 1, 1, 56),
+    ("ResNet-50 3×3 stage 2", 128, 128, 3, 1, 1, 28),
+    ("ResNet-50 3×3 stage 3", 256, 256, 3, 1, 1, 14),
+    ("ResNet-50 3×3 stage 4", 512, 512, 3, 1, 1, 7),
+    ("ResNet-50 1×1 256→64", 256, 64, 1, 1, 1, 56),
+    ("ResNet-50 1×1 1024→256", 1024, 256, 1, 1, 1, 14),
+    ("ConvNeXt-T 7×7 depthwise 96", 96, 96, 7, 1, 96, 56),
+    ("ConvNeXt-T 7×7 depthwise 768", 768, 768, 7, 1, 768, 7),
+]
+LINEAR_SHAPES = [("ViT-S linear 384→1536", 384, 1536), ("ViT-S linear 1536→384", 1536, 384)]
+
+
+def bench_layers(args) -> list:
+    import torch
+    from torch import nn
+
+    from transformers_bcos.layers import BcosConv2d, BcosLinear
+
+    rows = []
+    scale = args.image_size / 224
+    for name, cin, cout, k, stride, groups, size in LAYER_SHAPES:
+        size = max(int(size * scale), k)
+        standard = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False).to(args.device)
+        # The B-cos stem reads the 6-channel encoding.
+        bcos = BcosConv2d(2 * cin if cin == 3 else cin, cout, k, stride, k // 2, groups=groups).to(args.device)
+        x_std = torch.randn(args.batch, cin, size, size, device=args.device, requires_grad=True)
+        x_bcos = torch.randn(args.batch, bcos.in_channels, size, size, device=args.device, requires_grad=True)
+        rows.append(_layer_row(name, standard, bcos, x_std, x_bcos, args))
+    for name, fin, fout in LINEAR_SHAPES:
+        tokens = (args.image_size // 16) ** 2 + 1
+        standard, bcos = nn.Linear(fin, fout).to(args.device), BcosLinear(fin, fout).to(args.device)
+        x = torch.randn(args.batch, tokens, fin, device=args.device, requires_grad=True)
+        rows.append(_layer_row(name, standard, bcos, x, x, args))
+    return rows
+
+
+def _layer_row(name, standard, bcos, x_std, x_bcos, args) -> dict:
+    import torch
+
+    def forward(layer, x):
+        def run():
+            with torch.no_grad(), autocast(args):
+                layer(x)
+
+        return run
+
+    def forward_backward(layer, x):
+        def run():
+            with autocast(args):
+                layer(x).float().sum().backward()
+
+        return run
+
+    fwd = interleaved({"standard": forward(standard, x_std), "bcos": forward(bcos, x_bcos)}, args.repeats, args.device)
+    both = interleaved({"standard": forward_backward(standard, x_std), "bcos": forward_backward(bcos, x_bcos)}, args.repeats, args.device)
+    return {
+        "layer": name,
+        "forward_ms": [1e3 * fwd["standard"], 1e3 * fwd["bcos"]],
+        "forward_ratio": fwd["bcos"] / fwd["standard"],
+        "forward_backward_ms": [1e3 * both["standard"], 1e3 * both["bcos"]],
+        "forward_backward_ratio": both["bcos"] / both["standard"],
+    }
+
+
+def bench_models(args) -> list:
+    import torch
+
+    rows = []
+    for name in args.models.split(","):
+        standard, bcos = model_pair(name, args)
+        x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
+        labels = torch.randint(0, 1000, (args.batch,), device=args.device)
+        standard.eval(), bcos.eval()
+
+        def infer(model):
+            def run():
+                with torch.no_grad(), autocast(args):
+                    model(pixel_values=x)
+
+            return run
+
+        inference = interleaved({"standard": infer(standard), "bcos": infer(bcos)}, args.repeats, args.device)
+        standard.train(), bcos.train()
+        optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in (("standard", standard), ("bcos", bcos))}
+        train = interleaved(
+            {
+                "standard": lambda: training_step(standard, x, labels, optimizers["standard"], args),
+                "bcos": lambda: training_step(bcos, x, labels, optimizers["bcos"], args),
+            },
+            args.repeats,
+            args.device,
+        )
+        rows.append(
+            {
+                "model": name,
+                "inference_ms": [1e3 * inference["standard"], 1e3 * inference["bcos"]],
+                "inference_ratio": inference["bcos"] / inference["standard"],
+                "train_step_ms": [1e3 * train["standard"], 1e3 * train["bcos"]],
+                "train_step_ratio": train["bcos"] / train["standard"],
+                "train_images_per_s": [args.batch / train["standard"], args.batch / train["bcos"]],
+            }
+        )
+        del standard, bcos, optimizers
+    return rows
+
+
+def _grad_cam_layer(model):
+    """The last convolutional stage (CNNs) or the last transformer layer (ViTs)."""
+    from torch import nn
+
+    if hasattr(model, "vit"):
+        return model.vit.layers[-1]
+    stages = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return stages[0][-1] if stages else None
+
+
+def bench_explain(args) -> list:
+    import torch
+    from captum.attr import IntegratedGradients, LayerGradCam
+
+    rows = []
+    for name in args.models.split(","):
+        standard, bcos = model_pair(name, args)
+        standard.eval(), bcos.eval()
+        x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=args.device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=args.device).view(1, 3, 1, 1)
+        target = torch.arange(args.batch, device=args.device) % 1000
+
+        def logits_of(model):
+            return lambda inputs: model(pixel_values=inputs).logits
+
+        ig = IntegratedGradients(logits_of(standard))
+        cam_layer = _grad_cam_layer(standard)
+        grad_cam = LayerGradCam(logits_of(standard), cam_layer)
+
+        def forward():
+            with torch.no_grad(), autocast(args):
+                bcos(pixel_values=x)
+
+        def explain():
+            with autocast(args):
+                bcos.explain(x, target=target)
+
+        def integrated_gradients():
+            ig.attribute((x - mean) / std, target=target, n_steps=args.ig_steps, internal_batch_size=args.batch)
+
+        def gradcam():
+            grad_cam.attribute((x - mean) / std, target=target)
+
+        fast = interleaved({"forward": forward, "explain": explain}, args.repeats, args.device)
+        slow = interleaved({"explain": explain, "ig": integrated_gradients, "gradcam": gradcam}, max(1, args.repeats // 2), args.device)
+        rows.append(
+            {
+                "model": name,
+                "forward_ms": 1e3 * fast["forward"],
+                "explain_ms": 1e3 * fast["explain"],
+                "explain_over_forward": fast["explain"] / fast["forward"],
+                "ig_ms": 1e3 * slow["ig"],
+                "ig_over_explain": slow["ig"] / slow["explain"],
+                "gradcam_ms": 1e3 * slow["gradcam"],
+                "gradcam_over_explain": slow["gradcam"] / slow["explain"],
+            }
+        )
+        del standard, bcos
+    return rows
+
+
+def memory_probe(model_name: str, task: str, args) -> dict:
+    """Peak memory (MiB) of one training step or one explain() call, measured in this process."""
+    import torch
+
+    standard, bcos = model_pair(model_name, args)
+    model = standard if task.startswith("standard") else bcos
+    del standard, bcos  # only the measured model stays alive
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    labels = torch.randint(0, 1000, (args.batch,), device=args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if task.endswith("train"):
+        model.train()
+        training_step(model, x, labels, optimizer, args)  # optimizer state exists before measuring
+
+        def run():
+            training_step(model, x, labels, optimizer, args)
+
+    else:
+        model.eval()
+
+        def run():
+            with autocast(args):
+                model.explain(x, target=0)
+
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_mib": (peak - before) / 2**20}
+
+
+def bench_memory(args) -> list:
+    rows = []
+    for name in args.models.split(","):
+        measured = {}
+        for task in ("standard_train", "bcos_train", "bcos_explain"):
+            command = [sys.executable, __file__, "--memory-probe", name, task, "--device", args.device, "--batch", str(args.batch)]
+            command += ["--image-size", str(args.image_size), "--threads", str(args.threads), "--dtype", args.dtype]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            measured[task] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        rows.append(
+            {
+                "model": name,
+                "train_peak_mib": [measured["standard_train"], measured["bcos_train"]],
+                "train_peak_ratio": measured["bcos_train"] / measured["standard_train"],
+                "explain_peak_mib": measured["bcos_explain"],
+                "explain_over_standard_train": measured["bcos_explain"] / measured["standard_train"],
+            }
+        )
+    return rows
+
+
+def bench_conversion(args) -> list:
+    from transformers import AutoModelForImageClassification
+
+    from transformers_bcos import bcosify_pretrained
+
+    with tempfile.TemporaryDirectory() as folder:
+        source_model("vit_base", args.image_size).save_pretrained(folder)
+        processor(args.image_size).save_pretrained(folder)
+        times = interleaved(
+            {
+                "from_pretrained": lambda: AutoModelForImageClassification.from_pretrained(folder),
+                "bcosify_pretrained": lambda: bcosify_pretrained(folder),
+            },
+            max(3, args.repeats // 2),
+            "cpu",
+        )
+    return [
+        {
+            "checkpoint": "ViT-B/16 (86M parameters), local folder",
+            "from_pretrained_s": times["from_pretrained"],
+            "bcosify_pretrained_s": times["bcosify_pretrained"],
+            "ratio": times["bcosify_pretrained"] / times["from_pretrained"],
+        }
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def cell(value):
+        if isinstance(value, list):
+            return " / ".join(cell(v) for v in value)
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_description(args) -> str:
+    import torch
+
+    if args.device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
+    return f"{device}; torch {torch.__version__}; batch {args.batch}; {args.image_size} px; {args.dtype}"
+
+
+def main():
+    args = parse_args()
+    if args.device == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_SETTINGS.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_SETTINGS})
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.memory_probe:
+        print(json.dumps(memory_probe(*args.memory_probe, args)))
+        return
+    sections = {
+        "layers": bench_layers,
+        "models": bench_models,
+        "explain": bench_explain,
+        "memory": bench_memory,
+        "conversion": bench_conversion,
+    }
+    results = {"machine": machine_description(args), "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+    print(f"# B-cos benchmark: {results['machine']}\n")
+    for name in args.sections.split(","):
+        started = time.perf_counter()
+        results[name] = sections[name](args)
+        print(f"## {name} ({time.perf_counter() - started:.0f} s)\n\n{markdown_table(results[name])}\n", flush=True)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

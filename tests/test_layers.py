@@ -1,0 +1,84 @@
+"""B-cos layers: the input norm, the hand-written backward passes, explanation mode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformers_bcos import explanation_mode
+from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLinear, BcosSelfAttention
+
+CONV_GEOMETRIES = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=6, out_channels=4, kernel_size=7, stride=2, padding=3),  # a ResNet stem
+    dict(in_channels=8, out_channels=8, kernel_size=7, padding=3, groups=8),  # ConvNeXt depthwise
+    dict(in_channels=4, out_channels=8, kernel_size=7, padding=3, groups=4),
+    dict(in_channels=8, out_channels=4, kernel_size=5, padding=2, groups=2, dilation=2),
+    dict(in_channels=8, out_channels=4, kernel_size=1, stride=2),  # a ResNet shortcut
+    dict(in_channels=8, out_channels=4, kernel_size=1),
+]
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+def test_conv_input_norm_is_the_norm_of_each_receptive_field(geometry):
+    torch.manual_seed(0)
+    conv = BcosConv2d(**geometry).double()
+    x = torch.randn(2, conv.in_channels, 13, 13, dtype=torch.double)
+    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    patches = patches.view(2, conv.groups, -1, patches.shape[-1])
+    expected = patches.pow(2).sum(2).sqrt().repeat_interleave(conv.out_channels // conv.groups, 1)
+    norm = conv.input_norm(x)
+    norm = norm.expand(2, conv.out_channels, *norm.shape[-2:]).flatten(2)
+    torch.testing.assert_close(norm, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+def test_conv_output_and_gradients_match_autograd_of_the_definition(geometry):
+    torch.manual_seed(0)
+    conv = BcosConv2d(**geometry).double()
+    x = torch.randn(1, conv.in_channels, 6, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: conv(x), (x,))
+    out = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(conv(x), out * out.abs() / conv.input_norm(x))
+
+
+def test_linear_gradients_and_shared_norm():
+    torch.manual_seed(0)
+    linear = BcosLinear(5, 3, b=2.0).double()
+    x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: linear(x), (x, linear.weight))
+    torch.testing.assert_close(linear(x, BcosLinear.input_norm(x)), linear(x))
+    b15 = BcosLinear(5, 3, b=1.5).double()
+    assert torch.autograd.gradcheck(lambda x: b15(x), (x,))
+
+
+def test_uncentered_batchnorm_training_matches_its_definition():
+    torch.manual_seed(0)
+    bn = BcosBatchNorm2d(5).double().train()
+    reference = torch.nn.BatchNorm2d(5).double().train()
+    with torch.no_grad():
+        bn.weight.normal_()
+    x = torch.randn(4, 5, 3, 3, dtype=torch.double, requires_grad=True)
+    y = bn(x)
+    expected = x / (x.var(dim=(0, 2, 3), unbiased=False) + bn.eps).sqrt().view(1, -1, 1, 1) * bn.weight.view(1, -1, 1, 1)
+    torch.testing.assert_close(y, expected)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, (x, bn.weight), grad), torch.autograd.grad(expected, (x, bn.weight), grad)
+    )
+    reference(x)  # running statistics follow torch's batch norm (momentum, unbiased variance)
+    torch.testing.assert_close(bn.running_var, reference.running_var)
+    torch.testing.assert_close(bn.running_mean, reference.running_mean)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_attention_matrix_is_detached_in_explanation_mode():
+    torch.manual_seed(0)
+    attention = BcosSelfAttention(8, 2, b=1.0).double()
+    x = torch.randn(1, 5, 8, dtype=torch.double, requires_grad=True)
+    with explanation_mode(attention):
+        y = attention(x)
+        (jacobian,) = torch.autograd.grad(y.sum(), x)
+    # Explanation mode: y is linear in x given the (detached) attention, so y.sum() = J·x.
+    torch.testing.assert_close((jacobian * x).sum(), y.sum())
+    (full,) = torch.autograd.grad(attention(x).sum(), x)
+    assert not torch.allclose(full, jacobian)
