@@ -118,15 +118,17 @@ def rgba_explanation(weights: torch.Tensor, encoded_inputs: torch.Tensor, smooth
 
     The B-cos reference recipe: colour = the weights' own colour channels, opacity = their norm
     where the contribution is positive, scaled to the given percentile.
-    ``smoothing`` is an odd average-pool kernel for the opacity (None: 15 px per 224 px).
+    ``smoothing`` is an odd average-pool kernel for the opacity (None: 15 px per 224 px, none
+    below 45 px).
     """
     w = weights.detach().float()
     contributions = (w * encoded_inputs.detach().float()).sum(1, keepdim=True)
     w_n = (w / (w.abs().amax(1, keepdim=True) + 1e-12)).clamp_min(0)
     rgb = w_n[:, :3] / (w_n[:, :3] + w_n[:, 3:] + 1e-12)
     alpha = w.norm(dim=1, keepdim=True) * (contributions >= 0)
-    if smoothing is None:
-        smoothing = int(round(15 * w.shape[-1] / 224)) | 1
+    if smoothing is None:  # the reference's 15 px at 224 px, scaled; none for tiny images
+        smoothing = int(15 * w.shape[-1] / 224)
+        smoothing -= 1 - smoothing % 2
     if smoothing > 1:
         alpha = F.avg_pool2d(alpha, smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)
     scale = torch.quantile(alpha.flatten(1), percentile / 100.0, dim=1).clamp_min(1e-12)

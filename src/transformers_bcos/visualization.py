@@ -25,7 +25,7 @@ def contribution_heatmap(contributions, percentile: float = 99.5) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def rgba_on_background(rgba: np.ndarray, background: float = 1.0) -> np.ndarray:
+def rgba_on_background(rgba: np.ndarray, background: float = 0.0) -> np.ndarray:
     """Composite an (H, W, 4) float RGBA explanation over a plain background -> uint8 RGB."""
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     return ((rgb * alpha + background * (1 - alpha)) * 255).round().astype(np.uint8)
