@@ -1,6 +1,6 @@
 """Exact conversion: each converter rule, and whole models of every supported family."""
 
-import copy
+import copy as copy_module
 
 import pytest
 import torch
@@ -33,6 +33,10 @@ def normalize(x):
     return (x - mean) / std
 
 
+def copy(tensor):
+    return tensor.detach().clone()
+
+
 def max_rel_diff(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -46,7 +50,7 @@ def test_conv_rule_is_exact_at_b1(groups, padding, stride):
     source = nn.Conv2d(8, 8, 7 if padding == 3 else 3, stride=stride, padding=padding, groups=groups, bias=True)
     target = BcosConv2d(8, 8, source.kernel_size, stride=stride, padding=padding, groups=groups, bias=True, b=1.0)
     with torch.no_grad():
-        convert_conv(source, target)
+        convert_conv(source, target, copy)
     x = torch.randn(2, 8, 15, 15)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
 
@@ -56,7 +60,7 @@ def test_input_conv_rule_folds_normalisation_exactly_including_padded_borders():
     source = nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=True)
     target = BcosConv2d(6, 4, 7, stride=2, padding=3, bias=True, b=1.0)
     with torch.no_grad():
-        convert_input_conv(source, target, IMAGENET_MEAN, IMAGENET_STD)
+        convert_input_conv(source, target, copy, IMAGENET_MEAN, IMAGENET_STD)
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(target(encode_pixel_values(x)), source(normalize(x)), rtol=0, atol=1e-5)
 
@@ -65,7 +69,7 @@ def test_linear_rule_is_exact_at_b1():
     torch.manual_seed(0)
     source, target = nn.Linear(6, 5), BcosLinear(6, 5, bias=True, b=1.0)
     with torch.no_grad():
-        convert_linear(source, target)
+        convert_linear(source, target, copy)
     x = torch.randn(3, 4, 6)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
 
@@ -81,7 +85,7 @@ def test_batchnorm_rule_is_exact_when_centered(training):
         source.bias.normal_()
     target = BcosBatchNorm2d(4, centered=True)
     with torch.no_grad():
-        convert_batchnorm(source, target)
+        convert_batchnorm(source, target, copy)
     source.train(training)
     target.train(training)
     x = torch.randn(3, 4, 5, 5)
@@ -111,7 +115,7 @@ def test_layernorm_rule_is_exact_with_bias(channels_first):
         source.bias.normal_()
     target = BcosLayerNorm(6, eps=1e-5, bias=True, channels_first=channels_first)
     with torch.no_grad():
-        convert_layernorm(source, target)
+        convert_layernorm(source, target, copy)
     x = torch.randn(2, 6, 4, 4) if channels_first else torch.randn(2, 4, 6)
     expected = source(x.movedim(1, -1)).movedim(-1, 1) if channels_first else source(x)
     torch.testing.assert_close(target(x), expected, rtol=0, atol=1e-6)
@@ -168,11 +172,14 @@ def test_conversion_of_a_model_instance_needs_its_processor():
 
 def test_conversion_leaves_the_source_untouched_and_fails_before_writing(source_folders):
     source = AutoModelForImageClassification.from_pretrained(source_folders["resnet"]).eval()
-    before = copy.deepcopy(source.state_dict())
+    before = copy_module.deepcopy(source.state_dict())
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    bcosify_pretrained(source, image_processor=processor)
+    converted = bcosify_pretrained(source, image_processor=processor)
+    # A model instance is copied, never aliased: training the B-cos model leaves the source alone.
+    source_storage = {t.untyped_storage().data_ptr() for t in source.state_dict().values()}
+    assert not any(t.untyped_storage().data_ptr() in source_storage for t in converted.state_dict().values())
     # A model whose layout does not match (a layer removed) is refused with a clear error.
-    broken = copy.deepcopy(source)
+    broken = copy_module.deepcopy(source)
     stage = next(m for m in broken.modules() if isinstance(m, nn.Sequential) and len(m) == 2 and not isinstance(m[0], nn.Flatten))
     del stage[1]
     with pytest.raises(ValueError, match="Cannot convert"):

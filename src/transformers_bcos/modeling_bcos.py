@@ -322,11 +322,14 @@ class BcosConvNextBackbone(nn.Module):
             6, sizes[0], backbone.patch_size, stride=backbone.patch_size, bias=config.use_bias, **_bcos_kwargs(config)
         )
         self.embedding_layernorm = BcosLayerNorm(sizes[0], eps=1e-6, bias=config.use_bias, channels_first=True)
-        rates = torch.linspace(0, backbone.drop_path_rate, sum(backbone.depths)).split(list(backbone.depths))
+        # Stochastic depth grows linearly over all layers (computed in Python: this also runs on meta).
+        total = sum(backbone.depths)
+        rates = [backbone.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         self.stages = nn.ModuleList()
-        in_channels = sizes[0]
+        in_channels, first = sizes[0], 0
         for i, (out_channels, depth) in enumerate(zip(sizes, backbone.depths)):
-            stage = BcosConvNextStage(config, in_channels, out_channels, 2 if i > 0 else 1, depth, rates[i].tolist())
+            stage = BcosConvNextStage(config, in_channels, out_channels, 2 if i > 0 else 1, depth, rates[first : first + depth])
+            first += depth
             self.stages.append(stage)
             in_channels = out_channels
         self.layernorm = BcosLayerNorm(sizes[-1], eps=backbone.layer_norm_eps, bias=config.use_bias)

@@ -59,41 +59,45 @@ def _supported_names() -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _copy_bias(source: nn.Module, target: nn.Module) -> None:
+def set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Install ``tensor`` as the parameter or buffer ``name`` of ``module`` (replacing it).
+
+    Installing rather than copying lets the B-cos model be built on the meta device and take over
+    the source's tensors without allocating or copying anything.
+    """
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = tensor
+
+
+def _set_bias(source: nn.Module, target: nn.Module, take) -> None:
     if target.bias is not None:
-        if source.bias is None:
-            target.bias.zero_()
-        else:
-            target.bias.copy_(source.bias)
+        bias = take(source.bias) if source.bias is not None else source.weight.new_zeros(target.bias.shape)
+        set_tensor(target, "bias", bias)
 
 
-def convert_conv(source: nn.Conv2d, target: nn.Conv2d) -> None:
-    target.weight.copy_(source.weight)
-    _copy_bias(source, target)
+def convert_conv(source: nn.Conv2d, target: nn.Conv2d, take) -> None:
+    set_tensor(target, "weight", take(source.weight))
+    _set_bias(source, target, take)
 
 
-def convert_linear(source: nn.Linear, target: nn.Linear) -> None:
-    target.weight.copy_(source.weight)
-    _copy_bias(source, target)
+def convert_linear(source: nn.Linear, target: nn.Linear, take) -> None:
+    set_tensor(target, "weight", take(source.weight))
+    _set_bias(source, target, take)
 
 
-def convert_batchnorm(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> None:
+def convert_batchnorm(source: nn.BatchNorm2d, target: nn.BatchNorm2d, take) -> None:
     target.eps, target.momentum = source.eps, source.momentum
-    target.weight.copy_(source.weight)
-    _copy_bias(source, target)
-    target.running_mean.copy_(source.running_mean)
-    target.running_var.copy_(source.running_var)
-    target.num_batches_tracked.copy_(source.num_batches_tracked)
+    for name in ("weight", "running_mean", "running_var", "num_batches_tracked"):
+        set_tensor(target, name, take(getattr(source, name)))
+    _set_bias(source, target, take)
 
 
-def convert_layernorm(source: nn.LayerNorm, target: nn.LayerNorm) -> None:
+def convert_layernorm(source: nn.LayerNorm, target: nn.LayerNorm, take) -> None:
     target.eps = source.eps
-    target.weight.copy_(source.weight)
-    _copy_bias(source, target)
-
-
-def convert_parameter(source: torch.Tensor, target: torch.Tensor) -> None:
-    target.copy_(source)
+    set_tensor(target, "weight", take(source.weight))
+    _set_bias(source, target, take)
 
 
 CONVERTER_RULES = {
@@ -110,32 +114,39 @@ def fold_normalization(weight: torch.Tensor, mean, std) -> torch.Tensor:
     (x_c - μ_c)/σ_c = ((1-μ_c)·x_c - μ_c·(1-x_c))/σ_c, so W6[:, c] = W[:, c](1-μ_c)/σ_c and
     W6[:, 3+c] = -W[:, c]μ_c/σ_c. Exact, also at zero-padded borders. Computed in float64.
     """
-    w = weight.double()
+    w = weight.detach().double()
     mean = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2)))
     std = torch.as_tensor(std, dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2)))
     return torch.cat([w * (1 - mean) / std, -w * mean / std], dim=1).to(weight.dtype)
 
 
-def convert_input_conv(source: nn.Conv2d, target: nn.Conv2d, mean, std) -> None:
+def convert_input_conv(source: nn.Conv2d, target: nn.Conv2d, take, mean, std) -> None:
     """The first convolution: the source's input normalisation folded into 6-channel weights."""
-    target.weight.copy_(fold_normalization(source.weight, mean, std))
-    _copy_bias(source, target)
+    set_tensor(target, "weight", fold_normalization(source.weight, mean, std))
+    _set_bias(source, target, take)
 
 
 def _units(model: nn.Module) -> dict:
-    """The model's convertible units by kind, in module order."""
+    """The model's convertible units by kind, in module order.
+
+    Modules with a converter rule are units; so is every parameter held directly by another
+    module (class token, position embeddings, layer scale), as a (module, name) pair.
+    """
     units = {kind: [] for kind in (*CONVERTER_RULES, "parameter")}
     for module in model.modules():
         kind = next((k for k, (cls, _) in CONVERTER_RULES.items() if isinstance(module, cls)), None)
         if kind is not None:
             units[kind].append(module)
         else:
-            units["parameter"].extend(module.parameters(recurse=False))
+            units["parameter"].extend((module, name) for name, p in module._parameters.items() if p is not None)
     return units
 
 
 def _shape(unit) -> tuple:
-    return tuple(unit.shape if isinstance(unit, torch.Tensor) else unit.weight.shape)
+    if isinstance(unit, tuple):
+        module, name = unit
+        return tuple(module._parameters[name].shape)
+    return tuple(unit.weight.shape)
 
 
 def pair_units(source: nn.Module, target: nn.Module) -> list:
@@ -162,33 +173,40 @@ def pair_units(source: nn.Module, target: nn.Module) -> list:
     return pairs
 
 
-def copy_units(source: nn.Module, target: nn.Module, mean, std) -> set:
-    """Copy every unit of ``source`` into its paired unit of ``target`` (validated first).
+def copy_units(source: nn.Module, target: nn.Module, mean, std, share: bool = False) -> set:
+    """Install every unit of ``source`` into its paired unit of ``target`` (validated first).
 
-    The first convolution gets the input normalisation (``mean``, ``std``) folded in. Returns the
-    ids of the target tensors written.
+    The first convolution gets the input normalisation (``mean``, ``std``) folded in. With
+    ``share`` the target takes over the source's tensors (for a source loaded here and dropped
+    afterwards); otherwise it gets copies, so the source stays independent. Returns the ids of
+    the target tensors written.
     """
     pairs = pair_units(source, target)
-    written = set()
+
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if share else tensor.detach().clone()
+
     with torch.no_grad():
         first_conv = True
         for kind, s, d in pairs:
             if kind == "parameter":
-                convert_parameter(s, d)
-                written.add(id(d))
-                continue
-            if kind == "conv" and first_conv:
-                convert_input_conv(s, d, mean, std)
+                set_tensor(d[0], d[1], take(s[0]._parameters[s[1]]))
+            elif kind == "conv" and first_conv:
+                convert_input_conv(s, d, take, mean, std)
                 first_conv = False
             else:
-                CONVERTER_RULES[kind][1](s, d)
-            written.update(id(t) for t in (*d.parameters(recurse=False), *d.buffers(recurse=False)))
+                CONVERTER_RULES[kind][1](s, d, take)
+    written = set()
+    for kind, _, d in pairs:
+        module = d[0] if kind == "parameter" else d
+        written.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
     return written
 
 
 def check_all_written(model: nn.Module, written: set) -> None:
     """Every tensor must come from the source: never hand out uninitialised memory."""
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in written]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    missing = [n for n, t in tensors if id(t) not in written or t.is_meta]
     if missing:
         raise RuntimeError(f"Conversion left tensors without a source: {missing[:5]}")
 
@@ -319,11 +337,9 @@ def bcosify_pretrained(
         id2label=dict(source_config.id2label),
         label2id=dict(source_config.label2id),
     )
-    with no_init_weights():
+    # Built on the meta device: every tensor is then installed from the source, none allocated twice.
+    with torch.device("meta"), no_init_weights():
         model = BcosForImageClassification(config)
-    dtype = next(source.parameters()).dtype
-    model.to(dtype)
-
-    written = copy_units(source, model, mean, std)
+    written = copy_units(source, model, mean, std, share=not isinstance(src, PreTrainedModel))
     check_all_written(model, written)
     return model.eval()
