@@ -95,9 +95,9 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict, repeats: int, device: str) -> dict:
-    """name -> median seconds of ``fn()``, the variants timed in turn after one warm-up each."""
-    for fn in variants.values():
+def interleaved(variants: dict, repeats: int, device: str, warmup: bool = True) -> dict:
+    """name -> median seconds of ``fn()``, the variants timed in turn (after one warm-up each)."""
+    for fn in variants.values() if warmup else ():
         fn()
     times = {name: [] for name in variants}
     for _ in range(repeats):
@@ -286,7 +286,8 @@ def bench_explain(args) -> list:
             grad_cam.attribute((x - mean) / std, target=target)
 
         fast = interleaved({"forward": forward, "explain": explain}, args.repeats, args.device)
-        slow = interleaved({"explain": explain, "ig": integrated_gradients, "gradcam": gradcam}, max(1, args.repeats // 2), args.device)
+        # IG runs 50 forward+backward passes: one timed run each is stable, and all are warm by now.
+        slow = interleaved({"explain": explain, "ig": integrated_gradients, "gradcam": gradcam}, 1, args.device, warmup=False)
         rows.append(
             {
                 "model": name,

