@@ -120,3 +120,16 @@ def run_without_package(code: str, timeout: int = 300) -> str:
     )
     assert result.returncode == 0, f"subprocess failed:\nSTDOUT:\n{result.stdout}\nSTDERR:\n{result.stderr[-4000:]}"
     return result.stdout
+
+
+@pytest.fixture(scope="session")
+def bcos_cache_dir(tmp_path_factory):
+    """A per-session TRANSFORMERS_BCOS_CACHE holding the default standard ResNet (trained once here).
+
+    Pass it to subprocesses as TRANSFORMERS_BCOS_CACHE so they reuse the trained model.
+    """
+    from transformers_bcos.defaults import default_standard_model
+
+    cache = tmp_path_factory.mktemp("bcos_cache")
+    default_standard_model("resnet", cache_dir=str(cache))
+    return str(cache)

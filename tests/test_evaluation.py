@@ -331,6 +331,22 @@ def test_input_x_gradient_matches_finite_differences_in_pixel_space(mnist_images
         assert attribution.maps[0, row, col].item() == pytest.approx(expected, rel=1e-4, abs=1e-9)
 
 
+def test_post_hoc_methods_agree_with_captum():
+    captum_attr = pytest.importorskip("captum.attr")  # an optional extra: our methods do not need it
+    model, processor = tiny_source_model("resnet")
+    classifier = PixelClassifier.wrap(model.double(), processor)
+    x, targets = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64), torch.tensor([0, 2, 4])
+
+    def logits(pixels):
+        return classifier(pixels).logits
+
+    ig = captum_attr.IntegratedGradients(logits).attribute(x, baselines=0.0, target=targets, n_steps=32, method="riemann_middle")
+    ours = make_explainer(classifier, "integrated_gradients", steps=32).explain(x, targets)
+    assert torch.allclose(ours.maps, ig.sum(1), atol=1e-10)
+    ixg = captum_attr.InputXGradient(logits).attribute(x.clone().requires_grad_(True), target=targets)
+    assert torch.allclose(make_explainer(classifier, "input_x_gradient").explain(x, targets).maps, ixg.sum(1), atol=1e-10)
+
+
 def test_grad_cam_uses_the_last_stage_of_a_cnn():
     from transformers.models.resnet.modeling_resnet import ResNetStage
 
@@ -400,6 +416,9 @@ def test_fixed_size_models_get_sliding_windows_and_others_do_not():
     assert isinstance(make_explainer(vit, "input_x_gradient", vit_processor), SlidingWindowExplainer)
     assert isinstance(make_explainer(bcosify_pretrained(vit, image_processor=vit_processor)), SlidingWindowExplainer)
     assert not isinstance(make_explainer(resnet, "input_x_gradient", resnet_processor), SlidingWindowExplainer)
+    # Any model slides a window when asked, e.g. a CNN at its training size.
+    windowed = make_explainer(resnet, "input_x_gradient", resnet_processor, window=(16, 16))
+    assert isinstance(windowed, SlidingWindowExplainer) and windowed.window == (16, 16) and windowed.stride == (8, 8)
 
 
 def test_sliding_window_sums_window_explanations_back_into_place():

@@ -1,6 +1,7 @@
 """transformers-bcos: inherently interpretable B-cos models for Hugging Face transformers."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_bcos import BcosConfig
 from .configuration_bcos_clip import BcosCLIPConfig
@@ -9,6 +10,7 @@ from .conversion.clip import bcosify_clip
 from .explanation import BcosExplanationOutput, explanation_mode
 from .modeling_bcos import BcosForImageClassification, BcosPreTrainedModel
 from .modeling_bcos_clip import BcosCLIPExplanationOutput, BcosCLIPModel, BcosCLIPZeroShotOutput
+from .pipeline_bcos import IMAGE_EXPLANATION_TASK, ImageExplanationPipeline
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,11 @@ AutoModelForImageClassification.register(BcosConfig, BcosForImageClassification,
 AutoConfig.register(BcosCLIPConfig.model_type, BcosCLIPConfig, exist_ok=True)
 AutoModel.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
+# pipeline("image-explanation", model=<a B-cos model object>, image_processor=...) with the package
+# installed; saved folders name the pipeline in config.custom_pipelines (remote code) instead.
+PIPELINE_REGISTRY.register_pipeline(
+    IMAGE_EXPLANATION_TASK, pipeline_class=ImageExplanationPipeline, pt_model=AutoModelForImageClassification, type="image"
+)
 
 __all__ = [
     "BcosCLIPConfig",
@@ -29,6 +36,7 @@ __all__ = [
     "BcosExplanationOutput",
     "BcosForImageClassification",
     "BcosPreTrainedModel",
+    "ImageExplanationPipeline",
     "bcosify_clip",
     "bcosify_pretrained",
     "explanation_mode",

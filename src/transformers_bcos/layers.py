@@ -327,9 +327,10 @@ def _tanh_gelu_gate(x):
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-# name (as in transformers' ``hidden_act``) -> (function, gate with function(x) = gate(x) * x)
+# name (as in transformers' ``hidden_act``) -> (function, gate with function(x) = gate(x) * x;
+# None where the function is piecewise linear and needs no detaching)
 GATED_ACTIVATIONS = {
-    "relu": (F.relu, lambda x: (x > 0).to(x.dtype)),
+    "relu": (F.relu, None),  # piecewise linear: its gradient already is the (constant) gate
     "gelu": (F.gelu, _gelu_gate),
     "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate),
     "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate),
@@ -353,7 +354,7 @@ class DetachableActivation(ExplainableModule):
         return self.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.explanation_mode:
+        if self.explanation_mode and self.gate is not None:
             return self.gate(x).detach() * x
         return self.function(x)
 

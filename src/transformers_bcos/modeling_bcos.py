@@ -10,6 +10,7 @@ This file travels with saved checkpoints (``trust_remote_code``): it imports tor
 transformers and the standard library only.
 """
 
+import copy
 import json
 import os
 from typing import Optional
@@ -432,6 +433,19 @@ class BcosForImageClassification(BcosPreTrainedModel):
         name = "modeling_bcos.BcosForImageClassification"
         return {**super()._auto_map(), "AutoModel": name, "AutoModelForImageClassification": name}
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as `BcosPreTrainedModel` does, plus the "image-explanation" pipeline.
+
+        ``config.custom_pipelines`` names the pipeline class, so that
+        ``pipeline("image-explanation", model=<folder>, trust_remote_code=True)`` finds it; and because
+        this module imports ``pipeline_bcos`` (here, not at the top: only saving needs it), the code
+        copy of ``save_pretrained`` (custom_object_save) puts pipeline_bcos.py beside this file.
+        """
+        from .pipeline_bcos import CUSTOM_PIPELINES
+
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     def encode_inputs(self, pixel_values=None, encoded_pixel_values=None) -> torch.Tensor:
         """Validate the input and return it in the 6-channel encoding [x, 1-x]."""
         if (pixel_values is None) == (encoded_pixel_values is None):
@@ -460,7 +474,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         features, hidden_states = self.backbone(x.to(self.classifier.weight.dtype), output_hidden_states)
         logits = self.backbone.pool(features, self.classifier) + self.config.logit_bias
         loss = bcos_bce_loss(logits, labels) if labels is not None else None

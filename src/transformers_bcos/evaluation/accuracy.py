@@ -48,6 +48,8 @@ def completeness_errors(
     methods that explain no output (Grad-CAM) get an empty dict.
     """
     indices = list(range(len(images))) if indices is None else list(indices)
+    if not indices:
+        raise ValueError("No images to measure completeness on.")
     targets = torch.as_tensor(targets).reshape(-1)
     if len(targets) != len(indices):
         raise ValueError(f"Got {len(targets)} targets for {len(indices)} images.")

@@ -252,7 +252,9 @@ EXPLAINERS = {
 }
 
 
-def make_explainer(model, method: str = "bcos", image_processor=None, sliding_window: bool = True, **method_kwargs) -> Explainer:
+def make_explainer(
+    model, method: str = "bcos", image_processor=None, sliding_window: bool = True, window: Optional[tuple] = None, **method_kwargs
+) -> Explainer:
     """An explainer of ``method`` for ``model`` (a B-cos or standard transformers classifier).
 
     Args:
@@ -262,11 +264,16 @@ def make_explainer(model, method: str = "bcos", image_processor=None, sliding_wi
             applied inside, so attributions are with respect to [0, 1] pixels).
         sliding_window: wrap fixed-size models (ViTs) in a `SlidingWindowExplainer`, so that they
             explain larger images such as GridPG grids.
+        window: slide a window of this (height, width) for any model, e.g. a CNN's training size
+            when grid cells are so small that the CNN's response depends on where a cell sits
+            (stride phase, image borders); None: only fixed-size models slide (their own size).
         method_kwargs: options of the method (``steps=``, ``internal_batch_size=`` for IG).
     """
     if method not in EXPLAINERS:
         raise ValueError(f"Unknown explanation method {method!r}; choose from {sorted(EXPLAINERS)}.")
     explainer = EXPLAINERS[method](PixelClassifier.wrap(model, image_processor), **method_kwargs)
-    if sliding_window and explainer.fixed_input_size is not None:
+    if window is not None:
+        explainer = SlidingWindowExplainer(explainer, window=window)
+    elif sliding_window and explainer.fixed_input_size is not None:
         explainer = SlidingWindowExplainer(explainer)
     return explainer

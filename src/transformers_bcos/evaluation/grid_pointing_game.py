@@ -196,7 +196,7 @@ def build_grid(cell_images: torch.Tensor, grid_size: int) -> torch.Tensor:
     count, channels, height, width = cell_images.shape
     if count != grid_size * grid_size:
         raise ValueError(f"A {grid_size}×{grid_size} grid needs {grid_size**2} images, got {count}.")
-    tiles = cell_images.view(grid_size, grid_size, channels, height, width)
+    tiles = cell_images.reshape(grid_size, grid_size, channels, height, width)
     return tiles.permute(2, 0, 3, 1, 4).reshape(channels, grid_size * height, grid_size * width)
 
 
@@ -330,6 +330,6 @@ def evaluate_grid_pointing_game(
         num_classes_with_confident_images=confident.num_classes,
         stop_reason=sample.stop_reason,
     )
-    if sample.stop_reason:
-        logger.warning(result.report)
+    # Fewer grids than asked for is worth a warning: the statistics rest on fewer scores.
+    logger.log(logging.WARNING if sample.stop_reason else logging.INFO, result.report)
     return result

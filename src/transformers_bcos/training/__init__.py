@@ -1,0 +1,39 @@
+"""Training B-cos image classifiers: the recipe, its pieces, and the fine-tuning run.
+
+The loss is the model's own (`bcos_bce_loss`: BCE with 1/C off-labels; the fixed logit bias is
+part of the logits), so a standard training loop needs nothing else from here; the pieces below
+add the B-cos recipe and the plumbing of `examples/finetune.py`.
+"""
+
+from ..modeling_bcos import bcos_bce_loss
+from .agc import adaptive_gradient_clipping_, unitwise_norm
+from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
+from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition
+from .finetune import FinetuneOptions, OptionsError, adapt_classifier_to_labels, run_finetuning
+from .loop import EvaluationResult, evaluate_accuracy, training_step
+from .model_card import IMAGE_CLASSIFICATION_TEMPLATE, render_model_card
+from .recipe import Recipe, create_optimizer, create_scheduler, recipe_defaults
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "EvaluationResult",
+    "FinetuneOptions",
+    "IMAGE_CLASSIFICATION_TEMPLATE",
+    "OptionsError",
+    "Recipe",
+    "TrainingPosition",
+    "adapt_classifier_to_labels",
+    "adaptive_gradient_clipping_",
+    "batchnorm_layers",
+    "bcos_bce_loss",
+    "create_optimizer",
+    "create_scheduler",
+    "evaluate_accuracy",
+    "recipe_defaults",
+    "reestimate_batchnorm_statistics",
+    "render_model_card",
+    "run_finetuning",
+    "training_step",
+    "unitwise_norm",
+]

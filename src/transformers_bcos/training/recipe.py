@@ -1,0 +1,99 @@
+"""The B-cos training recipe: documented defaults per model family, optimizer and schedule.
+
+Defaults (``recipe_defaults``), with their sources:
+
+* B-cosified CNNs (ResNet, ConvNeXt), ImageNet scale: AdamW, lr 1e-4, weight decay 0, cosine
+  schedule without warm-up, AGC 0.01 -- the B-cosification paper's fine-tuning recipe (reference
+  §3). BatchNorm statistics are re-estimated on 1,000 training images before the first step
+  (§7: this alone lifts a converted MNIST CNN from chance to 67%).
+* B-cosified ViTs, ImageNet scale: lr 1e-3 with linear warm-up (5% of the steps), cosine decay,
+  AGC 0.01 (§3).
+* B-cos networks from scratch: lr 1e-3, cosine, warm-up 5 of 90 epochs (5.5% of the steps) for
+  CNNs and ~10k of ~450k steps (2.2%) for ViTs, AGC 0.01 (§2).
+* The embedded MNIST data set (small data, a few epochs): lr 1e-3 for B-cosified models.
+  Measured (§7): lr 1e-3 passed the source's 97.2% after 1.25 epochs and ended at 97.5-97.8%,
+  lr 1e-4 ended at 95.9% after 3 epochs -- short runs need the larger step.
+
+Every value can be overridden on the command line; the chosen values go into the model card.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import get_scheduler
+
+CNN_FAMILIES = ("resnet", "convnext")
+FAMILIES = CNN_FAMILIES + ("vit",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyperparameter defaults for one kind of run."""
+
+    learning_rate: float
+    weight_decay: float
+    lr_scheduler_type: str
+    warmup_fraction: float
+    agc_clip_factor: float
+    bn_reestimation_images: int
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(math.ceil(self.warmup_fraction * total_steps))
+
+
+_BCOSIFY_CNN = Recipe(1e-4, 0.0, "cosine", 0.0, 0.01, 1000, "B-cosification fine-tuning recipe for CNNs (reference §3)")
+_BCOSIFY_VIT = Recipe(1e-3, 0.0, "cosine", 0.05, 0.01, 0, "B-cosification fine-tuning recipe for ViTs (reference §3)")
+_SCRATCH_CNN = Recipe(1e-3, 0.0, "cosine", 5 / 90, 0.01, 0, "B-cos v2 from-scratch recipe for CNNs (reference §2)")
+_SCRATCH_VIT = Recipe(1e-3, 0.0, "cosine", 10_000 / 450_000, 0.01, 0, "B-cos v2 from-scratch recipe for ViTs (reference §2)")
+_BCOSIFY_SMALL_DATA_CNN = Recipe(
+    1e-3, 0.0, "cosine", 0.0, 0.01, 1000, "B-cosification on the embedded MNIST, lr calibrated in reference §7"
+)
+_BCOSIFY_SMALL_DATA_VIT = Recipe(
+    1e-3, 0.0, "cosine", 0.05, 0.01, 0, "B-cosification on the embedded MNIST (ViT recipe of reference §3)"
+)
+
+
+def recipe_defaults(family: str, from_scratch: bool = False, small_data: bool = False) -> Recipe:
+    """The documented defaults for a ``family`` ("resnet", "convnext", "vit") model.
+
+    ``small_data`` selects the values calibrated on the embedded MNIST (a few epochs on 4,000
+    images) instead of the ImageNet-scale recipe. BatchNorm re-estimation applies to B-cosified
+    models with batch norms (ResNets); it is 0 (off) elsewhere.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown model family {family!r}; known: {', '.join(FAMILIES)}.")
+    cnn = family in CNN_FAMILIES
+    if from_scratch:
+        return _SCRATCH_CNN if cnn else _SCRATCH_VIT
+    if small_data:
+        return _BCOSIFY_SMALL_DATA_CNN if cnn else _BCOSIFY_SMALL_DATA_VIT
+    return _BCOSIFY_CNN if cnn else _BCOSIFY_VIT
+
+
+def create_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; 1-D tensors (norm gains, tokens) get no weight decay."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() > 1 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
+def create_scheduler(optimizer, lr_scheduler_type: str, num_warmup_steps: int, num_training_steps: int, num_processes: int = 1):
+    """A transformers scheduler (cosine, linear, constant_with_warmup, ...) for ``num_training_steps`` updates.
+
+    An Accelerate-prepared scheduler steps once per process per update, so the step counts are
+    multiplied by ``num_processes`` (as in transformers' no_trainer examples).
+    """
+    return get_scheduler(
+        lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps * num_processes,
+        num_training_steps=num_training_steps * num_processes,
+    )
