@@ -1,3 +1,5 @@
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -8,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # Model-card templates for installs that are not editable (see transformers_bcos.model_card).
+    data_files=[("share/transformers-bcos/model_cards", glob.glob("model_cards/*.md"))],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",

@@ -23,12 +23,11 @@ from transformers_bcos.training import (
     create_scheduler,
     recipe_defaults,
     reestimate_batchnorm_statistics,
-    render_model_card,
 )
 from transformers_bcos.training import bcos_bce_loss as exported_loss
 from transformers_bcos.training.checkpointing import LATEST_FILENAME, STAGING_PREFIX, read_position
 from transformers_bcos.training.finetune import FinetuneOptions, OptionsError, validate_options
-from transformers_bcos.training.model_card import IMAGE_CLASSIFICATION_TEMPLATE, template_placeholders
+from transformers_bcos.model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, template_placeholders
 
 # ----------------------------------------------------------------------------------------------
 # Adaptive gradient clipping
@@ -351,14 +350,14 @@ def test_an_output_dir_holding_another_run_is_refused_before_any_work(tmp_path):
 def test_model_card_template_renders_every_placeholder(tmp_path):
     names = template_placeholders(open(IMAGE_CLASSIFICATION_TEMPLATE).read())
     assert {"results_rows", "repo_id", "labels"} <= names
-    card = render_model_card({name: f"<{name}>" for name in names})
+    card = fill_template({name: f"<{name}>" for name in names})
     assert "{{" not in card and "<results_rows>" in card and card.startswith("---\n")
     with pytest.raises(KeyError, match="without values.*'repo_id'"):
-        render_model_card({name: "" for name in names - {"repo_id"}})
+        fill_template({name: "" for name in names - {"repo_id"}})
     with pytest.raises(KeyError, match="without placeholders.*'extra'"):
-        render_model_card({**{name: "" for name in names}, "extra": 1})
+        fill_template({**{name: "" for name in names}, "extra": 1})
     template = tmp_path / "card.md"
     template.write_text("# {{ title }}\n")
-    assert render_model_card({"title": "T"}, str(template)) == "# T\n"
+    assert fill_template({"title": "T"}, str(template)) == "# T\n"
     with pytest.raises(FileNotFoundError, match="--model_card_template"):
-        render_model_card({}, str(tmp_path / "missing.md"))
+        fill_template({}, str(tmp_path / "missing.md"))

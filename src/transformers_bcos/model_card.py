@@ -4,8 +4,8 @@
 family (``model_cards/image-classification.md`` for `BcosForImageClassification`,
 ``model_cards/clip.md`` for `BcosCLIPModel`), followed by ``model_cards/explanations-section.md``
 (an example explanation image, GridPG, the completeness error, the licence and the citations).
-The templates are filled by `transformers_bcos.training.model_card.render_model_card`, which
-refuses unfilled placeholders and unused values, so templates and this code cannot drift apart.
+The templates are filled by `fill_template`, which refuses unfilled placeholders and unused
+values, so templates and the code that fills them cannot drift apart.
 
 Everything about the model comes from the folder itself (``config.json``, the safetensors
 header, the source model's card for the licence); ``metrics`` holds what was measured (see
@@ -16,19 +16,63 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Optional, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .training.model_card import MODEL_CARDS_DIR, markdown_rows
-from .training.model_card import render_model_card as fill_template
+
+def _model_cards_dir() -> str:
+    """The templates: <repository>/model_cards beside src/ in a checkout or an editable install,
+    else the copy a regular install puts in <prefix>/share/transformers-bcos/model_cards."""
+    checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "model_cards")
+    if os.path.isdir(checkout):
+        return os.path.normpath(checkout)
+    return os.path.join(sys.prefix, "share", "transformers-bcos", "model_cards")
+
+
+MODEL_CARDS_DIR = _model_cards_dir()
+IMAGE_CLASSIFICATION_TEMPLATE = os.path.join(MODEL_CARDS_DIR, "image-classification.md")
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def template_placeholders(template: str) -> set:
+    return set(PLACEHOLDER.findall(template))
+
+
+def fill_template(values: dict, template_path: Optional[str] = None) -> str:
+    """Fill the ``{{name}}`` placeholders of the template at ``template_path`` with ``values``.
+
+    Raises:
+        FileNotFoundError: the template is missing (pass ``template_path``).
+        KeyError: a placeholder has no value, or a value has no placeholder.
+    """
+    template_path = template_path or IMAGE_CLASSIFICATION_TEMPLATE
+    if not os.path.isfile(template_path):
+        raise FileNotFoundError(
+            f"Model-card template {template_path} not found: pass its path (e.g. --model_card_template)."
+        )
+    with open(template_path, encoding="utf-8") as f:
+        template = f.read()
+    names = template_placeholders(template)
+    missing = sorted(names - set(values))
+    unused = sorted(set(values) - names)
+    if missing or unused:
+        raise KeyError(f"Model card {template_path}: placeholders without values {missing}, values without placeholders {unused}.")
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
+
+
+def markdown_rows(rows) -> str:
+    """``[(key, value), ...]`` -> the body rows of a two-column Markdown table."""
+    return "\n".join(f"| {key} | {value} |" for key, value in rows)
+
 
 TEMPLATES = {
-    "bcos": os.path.normpath(os.path.join(MODEL_CARDS_DIR, "image-classification.md")),
-    "bcos_clip": os.path.normpath(os.path.join(MODEL_CARDS_DIR, "clip.md")),
+    "bcos": IMAGE_CLASSIFICATION_TEMPLATE,
+    "bcos_clip": os.path.join(MODEL_CARDS_DIR, "clip.md"),
 }
-EXPLANATIONS_SECTION = os.path.normpath(os.path.join(MODEL_CARDS_DIR, "explanations-section.md"))
+EXPLANATIONS_SECTION = os.path.join(MODEL_CARDS_DIR, "explanations-section.md")
 PIPELINE_TAGS = {"bcos": "image-classification", "bcos_clip": "zero-shot-image-classification"}
 REQUIRED_TAGS = ("b-cos", "interpretability", "explainability")
 

@@ -11,7 +11,6 @@ from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition
 from .finetune import FinetuneOptions, OptionsError, adapt_classifier_to_labels, run_finetuning
 from .loop import EvaluationResult, evaluate_accuracy, training_step
-from .model_card import IMAGE_CLASSIFICATION_TEMPLATE, render_model_card
 from .recipe import Recipe, create_optimizer, create_scheduler, recipe_defaults
 
 __all__ = [
@@ -19,7 +18,6 @@ __all__ = [
     "CheckpointManager",
     "EvaluationResult",
     "FinetuneOptions",
-    "IMAGE_CLASSIFICATION_TEMPLATE",
     "OptionsError",
     "Recipe",
     "TrainingPosition",
@@ -32,7 +30,6 @@ __all__ = [
     "evaluate_accuracy",
     "recipe_defaults",
     "reestimate_batchnorm_statistics",
-    "render_model_card",
     "run_finetuning",
     "training_step",
     "unitwise_norm",

@@ -37,7 +37,7 @@ from ..modeling_bcos import BcosForImageClassification
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointManager, TrainingPosition, read_position
 from .loop import RunningMean, ThroughputMeter, check_agc_supported, evaluate_accuracy, training_step
-from .model_card import IMAGE_CLASSIFICATION_TEMPLATE, markdown_rows, render_model_card
+from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_rows
 from .recipe import create_optimizer, create_scheduler, recipe_defaults
 
 # "--model default:resnet" / "default:vit": the cached standard models of transformers_bcos.defaults.
@@ -593,7 +593,7 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     unwrapped.save_pretrained(options.output_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
-        card = render_model_card(model_card_values(options, prepared, data, recipe, metrics, accelerator.num_processes,
+        card = fill_template(model_card_values(options, prepared, data, recipe, metrics, accelerator.num_processes,
                                                    accelerator.mixed_precision),
                                  options.model_card_template)
         with open(os.path.join(options.output_dir, "README.md"), "w", encoding="utf-8") as f:
