@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -336,11 +335,19 @@ def memory_probe(model_name: str, task: str, args) -> dict:
         run()
         torch.cuda.synchronize()
         return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # Reset the process's peak-RSS mark (Linux: "5" > clear_refs), so VmHWM afterwards is the peak
+    # of this call alone; big tensors are mmapped and unmapped (see bench_memory), so RSS tracks
+    # live tensors.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_mib": (peak - before) / 2**20}
+    return {"peak_mib": (_status_kib("VmHWM") - before) / 1024}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def bench_memory(args) -> list:
@@ -350,7 +357,11 @@ def bench_memory(args) -> list:
         for task in ("standard_train", "bcos_train", "bcos_explain"):
             command = [sys.executable, __file__, "--memory-probe", name, task, "--device", args.device, "--batch", str(args.batch)]
             command += ["--image-size", str(args.image_size), "--threads", str(args.threads), "--dtype", args.dtype]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            # A fixed, low mmap threshold: freed tensors go back to the OS instead of staying in the
+            # heap, so the resident set follows the live tensors.
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
             measured[task] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
         rows.append(
             {
@@ -424,7 +435,7 @@ def machine_description(args) -> str:
 
 def main():
     args = parse_args()
-    if args.device == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_SETTINGS.items()):
+    if args.device == "cpu" and not args.memory_probe and any(os.environ.get(k) != v for k, v in MALLOC_SETTINGS.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_SETTINGS})
     import torch
 

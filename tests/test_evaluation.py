@@ -25,7 +25,6 @@ from transformers_bcos.evaluation import (
     evaluate_grid_pointing_game,
     grid_pointing_game_scores,
     make_explainer,
-    predict_logits,
     sample_grids,
     select_confident_images,
     top1_accuracy,

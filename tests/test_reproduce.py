@@ -73,6 +73,11 @@ def test_tiny_reproduction_writes_tables_json_and_plots(tmp_path, monkeypatch):
             elif row["method"] == "grad_cam":  # claims no output to sum to
                 assert row["completeness"] == {}
 
+    # Any-size CNNs also report how a lone digit's cell changes their accuracy; ViTs cannot take the canvas.
+    assert set(results["per_family"]["resnet"]["lone_digit_accuracy_by_cell"]) == {"source", "bcosified", "scratch"}
+    assert all(len(by_cell) == 4 for by_cell in results["per_family"]["resnet"]["lone_digit_accuracy_by_cell"].values())
+    assert results["per_family"]["vit"]["lone_digit_accuracy_by_cell"] == {}
+
     for name, path in results["figures"].items():
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 150, name

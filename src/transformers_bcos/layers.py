@@ -39,26 +39,57 @@ def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
 class _SquareScale(torch.autograd.Function):
     """y = out·|out| / norm (the b = 2 B-cos non-linearity) with a hand-written backward.
 
-    Autograd through the plain expression keeps |out|, the quotient and the product alive for
-    the backward pass; this keeps only ``out`` (needed anyway) and ``1/norm`` (one channel for
-    ungrouped layers), and does fewer passes over the activations.
+    The backward needs only y and 1/norm: |out|/norm = sqrt(|y|/norm). The output y is what the
+    next layer keeps for its own backward anyway, so the non-linearity adds no activation memory
+    beyond 1/norm (one channel for ungrouped layers), where autograd through the plain expression
+    kept out, |out| and the quotient alive.
     """
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
         inv_norm = input_norm.reciprocal()
-        ctx.save_for_backward(out, inv_norm)
-        return out.abs().mul_(out).mul_(inv_norm)  # in place: one allocation instead of three
+        y = out.abs().mul_(out).mul_(inv_norm)  # in place: one allocation instead of three
+        ctx.save_for_backward(y, inv_norm)
+        return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        out, inv_norm = ctx.saved_tensors
-        abs_over_norm = out.abs() * inv_norm
-        grad_out = grad * abs_over_norm * 2.0
+        y, inv_norm = ctx.saved_tensors
+        grad_out = (y.abs() * inv_norm).sqrt_().mul_(grad).mul_(2.0)  # 2·g·|out|/norm
         grad_norm = None
-        if ctx.needs_input_grad[1]:  # d(out|out|/n)/dn = -out|out|/n², summed over broadcast dims
-            grad_norm = (grad * out * abs_over_norm * inv_norm).neg_().sum_to_size(inv_norm.shape)
+        if ctx.needs_input_grad[1]:  # d(out|out|/n)/dn = -y/n, summed over broadcast dims
+            grad_norm = (grad * y * inv_norm).neg_().sum_to_size(inv_norm.shape)
         return grad_out, grad_norm
+
+
+class _BoxSum(torch.autograd.Function):
+    """Per-channel sums over a conv's receptive fields, with its adjoint as the backward.
+
+    The sum is linear, so its backward is the transposed convolution with the same ones kernel
+    and needs no saved input; autograd through ``conv2d`` would keep the summed input (a full
+    activation for depthwise layers) alive.
+    """
+
+    @staticmethod
+    def forward(ctx, squared, kernel_size, stride, padding, dilation):
+        channels = squared.shape[1]
+        ctx.geometry = (kernel_size, stride, padding, dilation, tuple(squared.shape[-2:]))
+        ones = squared.new_ones(channels, 1, *kernel_size)
+        return F.conv2d(squared, ones, None, stride, padding, dilation, channels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        kernel_size, stride, padding, dilation, input_size = ctx.geometry
+        channels = grad.shape[1]
+        output_padding = [
+            input_size[i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel_size[i] - 1) + 1)
+            for i in range(2)
+        ]
+        ones = grad.new_ones(channels, 1, *kernel_size)
+        grad_input = F.conv_transpose2d(grad, ones, None, stride, padding, output_padding, channels, dilation)
+        return grad_input, None, None, None, None
 
 
 def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
@@ -136,11 +167,6 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         # pow + sum over channels: for NCHW inputs this is up to 15x faster than vector_norm(dim=1),
         # whose reduction runs across the strided channel dimension (measured on CPU).
         squared = x.pow(2)
-        if self.groups == 1 and self.kernel_size == (1, 1) and self.padding in ("valid", (0, 0)):
-            # 1×1: the norm is per position; a 1×1 conv with a ones kernel sums the channels as a
-            # matrix product, about twice as fast as sum(1) for wide NCHW inputs.
-            ones = squared.new_ones(1, self.in_channels, 1, 1)
-            return (F.conv2d(squared, ones, None, self.stride) + NORM_EPS).sqrt()
         if self.groups == 1:
             squared = squared.sum(1, keepdim=True)
         elif self.in_channels != self.groups:
@@ -153,19 +179,18 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
 
     def _receptive_field_sum(self, squared: torch.Tensor) -> torch.Tensor:
         """Sum ``squared`` (one channel per group) over each receptive field of the conv."""
-        kh, kw = self.kernel_size
-        if (kh, kw) == (1, 1) and self.padding in ("valid", (0, 0)):  # 1×1 convs: the norm is per position
+        if self.kernel_size == (1, 1) and self.padding in ("valid", (0, 0)):  # the norm is per position
             return squared[..., :: self.stride[0], :: self.stride[1]]
-        channels = squared.shape[1]
-        if self.stride == (1, 1) and self.dilation == (1, 1) and isinstance(self.padding, tuple) and kh * kw > 9:
+        if isinstance(self.padding, str):  # "same"/"valid": let conv2d resolve the padding
+            ones = squared.new_ones(squared.shape[1], 1, *self.kernel_size)
+            return F.conv2d(squared, ones, None, self.stride, self.padding, self.dilation, squared.shape[1])
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if self.stride == (1, 1) and self.dilation == (1, 1) and kh * kw > 9:
             # A box filter is separable: a k×1 then a 1×k sum costs 2k instead of k² per output,
             # which matters for large depthwise kernels (ConvNeXt's 7×7).
-            rows = F.conv2d(squared, squared.new_ones(channels, 1, kh, 1), None, 1, (self.padding[0], 0), 1, channels)
-            return F.conv2d(rows, squared.new_ones(channels, 1, 1, kw), None, 1, (0, self.padding[1]), 1, channels)
-        # A convolution with an all-ones kernel sums over each receptive field, with the conv's own
-        # stride, padding and dilation, so the norm lines up with the output positions.
-        ones = squared.new_ones(channels, 1, kh, kw)
-        return F.conv2d(squared, ones, None, self.stride, self.padding, self.dilation, channels)
+            rows = _BoxSum.apply(squared, (kh, 1), (1, 1), (ph, 0), (1, 1))
+            return _BoxSum.apply(rows, (1, kw), (1, 1), (0, pw), (1, 1))
+        return _BoxSum.apply(squared, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
