@@ -27,7 +27,7 @@ setup(
         "data": ["mlxtend", "scikit-learn", "scikit-image"],
         "plots": ["matplotlib"],
         "posthoc": ["captum"],
-        "dev": ["pytest", "mlxtend", "scikit-learn", "matplotlib", "evaluate"],
+        "dev": ["pytest", "mlxtend", "scikit-learn", "matplotlib", "evaluate", "captum"],
     },
     entry_points={"console_scripts": ["transformers-bcos=transformers_bcos.cli:main"]},
 )

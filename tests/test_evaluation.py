@@ -331,7 +331,7 @@ def test_input_x_gradient_matches_finite_differences_in_pixel_space(mnist_images
 
 
 def test_post_hoc_methods_agree_with_captum():
-    captum_attr = pytest.importorskip("captum.attr")  # an optional extra: our methods do not need it
+    import captum.attr as captum_attr  # a dev extra (the library itself does not need it)
     model, processor = tiny_source_model("resnet")
     classifier = PixelClassifier.wrap(model.double(), processor)
     x, targets = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64), torch.tensor([0, 2, 4])
@@ -501,7 +501,7 @@ def test_top1_accuracy_counts_argmax_hits(mnist_images):
 
 @pytest.fixture(scope="module")
 def evaluate_module():
-    evaluate = pytest.importorskip("evaluate")  # a dev extra; the library itself does not need it
+    import evaluate  # a dev extra; the library itself does not need it
 
     def load(name):
         return evaluate.load(os.path.join(REPO, "metrics", name))
