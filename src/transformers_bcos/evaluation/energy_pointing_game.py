@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import gather_images
-from .explainers import Explainer
+from .explainers import Explainer, attribution_maps
 
 BoxesType = Union[torch.Tensor, Sequence[Sequence[Sequence[float]]]]
 
@@ -49,11 +49,7 @@ def energy_pointing_game_scores(
     Returns:
         (N,) scores in [0, 1]; a map without positive mass scores 0.
     """
-    maps = torch.as_tensor(attributions)
-    if maps.dim() == 4:
-        maps = maps.sum(1)
-    if maps.dim() != 3:
-        raise ValueError(f"attributions must have shape (N, H, W) or (N, C, H, W), got {tuple(maps.shape)}.")
+    maps = attribution_maps(attributions)
     if (masks is None) == (boxes is None):
         raise ValueError("Pass exactly one of masks or boxes.")
     if masks is None:

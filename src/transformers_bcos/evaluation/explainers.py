@@ -277,3 +277,13 @@ def make_explainer(
     elif sliding_window and explainer.fixed_input_size is not None:
         explainer = SlidingWindowExplainer(explainer)
     return explainer
+
+
+def attribution_maps(attributions) -> torch.Tensor:
+    """(N, H, W) maps from (N, H, W) or (N, C, H, W) attributions (summed over channels)."""
+    maps = torch.as_tensor(attributions)
+    if maps.dim() == 4:
+        maps = maps.sum(1)
+    if maps.dim() != 3:
+        raise ValueError(f"attributions must have shape (N, H, W) or (N, C, H, W), got {tuple(maps.shape)}.")
+    return maps

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .accuracy import predict_logits
 from .batching import gather_images
-from .explainers import Explainer
+from .explainers import Explainer, attribution_maps
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ def grid_pointing_game_scores(
     Returns:
         (N,) scores in [0, 1]; a map without positive mass scores 0.
     """
-    maps = torch.as_tensor(attributions)
-    if maps.dim() == 4:
-        maps = maps.sum(1)
-    if maps.dim() != 3:
-        raise ValueError(f"attributions must have shape (N, H, W) or (N, C, H, W), got {tuple(maps.shape)}.")
+    maps = attribution_maps(attributions)
     n, height, width = maps.shape
     if grid_size < 1 or height % grid_size or width % grid_size:
         raise ValueError(f"A {grid_size}×{grid_size} grid does not divide maps of size {height}×{width}.")
