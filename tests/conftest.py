@@ -1,6 +1,10 @@
-"""Shared fixtures: offline Hugging Face, tiny real transformers models, real MNIST digits."""
+"""Shared fixtures: offline Hugging Face, tiny real transformers models (classifiers and CLIP),
+real MNIST digits, and the two-process `accelerate launch` command."""
 
+import json
 import os
+import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -15,6 +19,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
     ConvNextConfig,
     ConvNextForImageClassification,
     DeiTConfig,
@@ -26,10 +34,14 @@ from transformers import (  # noqa: E402
     ViTImageProcessor,
 )
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 FAMILIES = ["vit", "deit", "resnet", "convnext"]
 IMAGE_SIZE = 32
 NUM_LABELS = 5
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def tiny_source_model(family: str, seed: int = 0):
@@ -133,3 +145,80 @@ def bcos_cache_dir(tmp_path_factory):
     cache = tmp_path_factory.mktemp("bcos_cache")
     default_standard_model("resnet", cache_dir=str(cache))
     return str(cache)
+
+
+# ------------------------------------------------------------------------------ tiny CLIP
+
+
+def character_tokenizer(folder) -> CLIPTokenizer:
+    """A working CLIP tokenizer: one token per character (merges.txt holds only its version line)."""
+    os.makedirs(folder, exist_ok=True)
+    characters = string.ascii_lowercase + string.digits + ".,'!?-"
+    tokens = [*characters, *(c + "</w>" for c in characters), "<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+
+
+def tiny_clip(tokenizer, seed: int = 0, perturb: bool = True) -> CLIPModel:
+    """A tiny CLIP; ``perturb``: with norms, biases and embeddings far from their initial values."""
+    torch.manual_seed(seed)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=32, **tower, **special),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **tower),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    if not perturb:
+        return model
+    # A converter that drops or misplaces a bias, a norm or an embedding must be caught.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+        vision_embeddings = model.vision_model.embeddings
+        for embeddings in (vision_embeddings.class_embedding, vision_embeddings.position_embedding.weight):
+            embeddings.normal_(0, 0.5)
+        model.logit_scale.fill_(4.0)
+    return model.eval()
+
+
+def clip_image_processor() -> CLIPImageProcessor:
+    """CLIP's processor (resize, crop, rescale, normalise with CLIP's mean/std) at the test size."""
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+# ------------------------------------------------------------------------------ accelerate launch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(script: str, *args) -> list:
+    """The CPU two-process launch documented in the README."""
+    return [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        script, *args,
+    ]  # fmt: skip
+
+
+def run(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+    return result

@@ -3,18 +3,22 @@ package, distillation, and clear errors. Everything is built offline from a tiny
 
 import json
 import os
-import string
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_without_package
+from conftest import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_SIZE,
+    character_tokenizer,
+    clip_image_processor,
+    run_without_package,
+    tiny_clip,
+)
 from transformers import (
     AutoTokenizer,
-    CLIPConfig,
     CLIPImageProcessor,
-    CLIPModel,
-    CLIPTokenizer,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -28,9 +32,6 @@ from transformers_bcos.conversion.clip import (
 )
 from transformers_bcos.modeling_bcos_clip import BcosCLIPModel
 
-IMAGE_SIZE = 32
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXTS = ["a photo of a cat.", "a dog", "a red car on a road", "seven"]
 CODE_FILES = {
     "configuration_bcos_clip.py",
@@ -40,56 +41,6 @@ CODE_FILES = {
     "layers.py",
     "explanation.py",
 }
-
-
-def character_tokenizer(folder) -> CLIPTokenizer:
-    """A working CLIP tokenizer: one token per character (merges.txt holds only its version line)."""
-    os.makedirs(folder, exist_ok=True)
-    characters = string.ascii_lowercase + string.digits + ".,'!?-"
-    tokens = [*characters, *(c + "</w>" for c in characters), "<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({token: i for i, token in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
-
-
-def tiny_clip(tokenizer, seed: int = 0, perturb: bool = True) -> CLIPModel:
-    """A tiny CLIP; ``perturb``: with norms, biases and embeddings far from their initial values."""
-    torch.manual_seed(seed)
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=32, **tower, **special),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **tower),
-        projection_dim=16,
-    )
-    model = CLIPModel(config).eval()
-    if not perturb:
-        return model
-    # A converter that drops or misplaces a bias, a norm or an embedding must be caught.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1, 0.3)
-                module.bias.normal_(0, 0.3)
-            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0, 0.1)
-        vision_embeddings = model.vision_model.embeddings
-        for embeddings in (vision_embeddings.class_embedding, vision_embeddings.position_embedding.weight):
-            embeddings.normal_(0, 0.5)
-        model.logit_scale.fill_(4.0)
-    return model.eval()
-
-
-def clip_image_processor() -> CLIPImageProcessor:
-    """CLIP's processor (resize, crop, rescale, normalise with CLIP's mean/std) at the test size."""
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop, image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,26 +19,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-from conftest import run_without_package
+from conftest import REPO, launch_command, run, run_without_package
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(REPO, "examples", "finetune.py")
-ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(script: str, *args) -> list:
-    """The CPU two-process launch documented in the README."""
-    return [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        script, *args,
-    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +35,6 @@ def launch_env(tmp_path_factory, bcos_cache_dir):
         "TRANSFORMERS_BCOS_CACHE": bcos_cache_dir,
         "TRANSFORMERS_VERBOSITY": "error",
     }
-
-
-def run(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -258,9 +258,10 @@ def render_model_card(
         base_model: the source model's Hub id; default: the source recorded in ``config.json``
             when that is a Hub id.
         datasets: Hub dataset ids for the metadata; default: the evaluation data set's, if any.
-        training: card values of a fine-tuning run (keys `TRAINING_KEYS`, as
-            `transformers_bcos.training.finetune.model_card_values` computes them) for
-            image classifiers; None when this folder's training is not recorded.
+        training: card values of the training run (keys `TRAINING_KEYS`, as the
+            ``model_card_values`` of `transformers_bcos.training.finetune` and
+            `transformers_bcos.training.clip_distillation` compute them); None when this folder's
+            training is not recorded.
 
     Returns:
         The path of the README.md written (replacing an existing one).
@@ -306,15 +307,13 @@ def render_model_card(
         labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         shown = ", ".join(f"{i}: {name}" for i, name in enumerate(labels[:50]))
         values["labels"] = shown + (f", … ({len(labels)} classes)" if len(labels) > 50 else "")
-        values["training_rows"] = markdown_rows([("fine-tuning", "not recorded in this model's folder")])
-        values["recipe_source"] = "not recorded"
-        if training is not None:
-            unknown = sorted(set(training) - set(TRAINING_KEYS))
-            if unknown:
-                raise ModelCardError(f"training: unknown keys {unknown}; expected some of {list(TRAINING_KEYS)}.")
-            values.update(training)
-    elif training is not None:
-        raise ModelCardError("training= applies to image classifiers; the CLIP card has no training section.")
+    values["training_rows"] = markdown_rows([("training", "not recorded in this model's folder")])
+    values["recipe_source"] = "not recorded"
+    if training is not None:
+        unknown = sorted(set(training) - set(TRAINING_KEYS))
+        if unknown:
+            raise ModelCardError(f"training: unknown keys {unknown}; expected some of {list(TRAINING_KEYS)}.")
+        values.update(training)
     if kind == "bcos_clip" and metrics.get("prompt_templates"):
         values["eval_description"] += ", prompts " + ", ".join(f"“{t}”" for t in metrics["prompt_templates"])
 

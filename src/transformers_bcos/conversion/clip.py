@@ -189,10 +189,37 @@ class CLIPImageTeacher(nn.Module):
         return features.pooler_output if isinstance(features, ModelOutput) else features
 
 
+class ImageTowerDistillation(nn.Module):
+    """The student as a module whose forward is the distillation loss of a batch.
+
+    This is what Accelerate prepares for training (DDP synchronises gradients through a
+    module's forward); the frozen teacher stays outside it, so that checkpoints hold the student
+    alone. ``student`` is the `BcosCLIPModel` to save at the end.
+    """
+
+    def __init__(self, student: BcosCLIPModel, scale: float = 10.0, bias: float = -10.0):
+        super().__init__()
+        self.student = student
+        self.scale, self.bias = scale, bias
+
+    def forward(self, pixel_values: torch.Tensor, teacher_embeds: torch.Tensor) -> torch.Tensor:
+        student_embeds = self.student.get_image_features(pixel_values=pixel_values).pooler_output
+        return siglip_distillation_loss(student_embeds, teacher_embeds, self.scale, self.bias)
+
+
+def distillation_pair(src: Union[str, os.PathLike], b: float = 2.0, **from_pretrained_kwargs) -> tuple:
+    """(B-cos student, frozen teacher) for distilling the CLIP at ``src`` (a Hub id or folder
+    holding its image processor and tokenizer): the source is loaded once; the student gets its
+    own copies of the weights, the teacher keeps the original image tower."""
+    source, processor, tokenizer = _load_clip_source(src, None, None, **from_pretrained_kwargs)
+    student = bcosify_clip(source, b=b, image_processor=processor, tokenizer=tokenizer)
+    mean, std, _ = _processor_settings(processor)
+    return student, CLIPImageTeacher(source, mean, std)
+
+
 def distillation_loss(student: BcosCLIPModel, teacher: CLIPImageTeacher, pixel_values: torch.Tensor) -> torch.Tensor:
     """The distillation loss of one batch of images (N, 3, H, W) in [0, 1]."""
-    student_embeds = student.get_image_features(pixel_values=pixel_values).pooler_output
-    return siglip_distillation_loss(student_embeds, teacher(pixel_values))
+    return ImageTowerDistillation(student)(pixel_values, teacher(pixel_values))
 
 
 def distill_image_tower(

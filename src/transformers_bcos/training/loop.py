@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate.utils import DistributedType
@@ -21,14 +21,29 @@ def check_agc_supported(accelerator, agc_clip_factor: float) -> None:
         )
 
 
-def training_step(accelerator, model, batch: dict, optimizer, lr_scheduler, agc_clip_factor: float = 0.01) -> torch.Tensor:
+def classification_loss(model, batch: dict) -> torch.Tensor:
+    """The classifier's own loss (`bcos_bce_loss` for B-cos models) on a labelled batch."""
+    return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+
+
+def training_step(
+    accelerator,
+    model,
+    batch: dict,
+    optimizer,
+    lr_scheduler,
+    agc_clip_factor: float = 0.01,
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor] = classification_loss,
+) -> torch.Tensor:
     """Forward, backward and (on gradient-sync steps) AGC, optimizer and scheduler steps.
 
-    Gradient accumulation is Accelerate's: inside ``accelerator.accumulate`` the optimizer and
-    scheduler only step when the gradients are synchronised. Returns the detached loss.
+    ``compute_loss(model, batch)`` must run the prepared ``model``'s forward (DDP synchronises
+    gradients through it). Gradient accumulation is Accelerate's: inside ``accelerator.accumulate``
+    the optimizer and scheduler only step when the gradients are synchronised. Returns the
+    detached loss.
     """
     with accelerator.accumulate(model):
-        loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        loss = compute_loss(model, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and agc_clip_factor > 0:
             accelerator.unscale_gradients()  # AGC compares true gradient and weight norms

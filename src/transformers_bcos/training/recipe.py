@@ -10,6 +10,9 @@ Defaults (``recipe_defaults``), with their sources:
   AGC 0.01 (§3).
 * B-cos networks from scratch: lr 1e-3, cosine, warm-up 5 of 90 epochs (5.5% of the steps) for
   CNNs and ~10k of ~450k steps (2.2%) for ViTs, AGC 0.01 (§2).
+* B-cos CLIP image towers, distilled from the original tower (`CLIP_DISTILLATION_RECIPE`):
+  Adam(W) lr 1e-4, weight decay 0, cosine schedule (reference §3, CLIP); no AGC (the reference
+  names none for CLIP).
 * The embedded MNIST data set (small data, a few epochs): lr 1e-3 for B-cosified models.
   Measured (§7): lr 1e-3 passed the source's 97.2% after 1.25 epochs and ended at 97.5-97.8%,
   lr 1e-4 ended at 95.9% after 3 epochs -- short runs need the larger step.
@@ -55,6 +58,10 @@ _BCOSIFY_SMALL_DATA_CNN = Recipe(
 )
 _BCOSIFY_SMALL_DATA_VIT = Recipe(
     1e-3, 0.0, "cosine", 0.05, 0.01, 0, "B-cosification on the embedded MNIST (ViT recipe of reference §3)"
+)
+
+CLIP_DISTILLATION_RECIPE = Recipe(
+    1e-4, 0.0, "cosine", 0.0, 0.0, 0, "B-cos CLIP distillation recipe (reference §3, CLIP)"
 )
 
 
