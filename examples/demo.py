@@ -13,9 +13,8 @@
 import argparse
 import os
 
-from transformers import AutoImageProcessor
-
 from transformers_bcos import BcosForImageClassification
+from transformers_bcos._compat import AutoImageProcessor  # transformers.AutoImageProcessor on transformers >= 5.2x
 from transformers_bcos.data import load_embedded_dataset
 from transformers_bcos.defaults import default_standard_model
 from transformers_bcos.training import FinetuneOptions, run_finetuning

@@ -132,7 +132,9 @@ def test_convert_then_explain_writes_panels_of_the_expected_size(converted, digi
 
 def test_panel_shows_the_explanation_of_the_target(converted, digit_files, tmp_path):
     """The PNG holds exactly explanation_panels of model.explain for the requested class."""
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
+
+    from transformers_bcos._compat import AutoImageProcessor
 
     assert main(["explain", converted, digit_files[0], "--out", str(tmp_path), "--target", "2"]) == 0
     model, processor = AutoModel.from_pretrained(converted), AutoImageProcessor.from_pretrained(converted)
@@ -214,7 +216,9 @@ def test_clip_explain_with_text_and_its_card(clip_folder, digit_files, tmp_path,
         assert panel.size == PANEL_SIZE
 
     # A card rendered with numbers measured here (zero-shot accuracy on 4 digits, completeness).
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
+
+    from transformers_bcos._compat import AutoImageProcessor
 
     model, processor = AutoModel.from_pretrained(clip_folder), AutoImageProcessor.from_pretrained(clip_folder)
     images = [Image.open(path).convert("RGB") for path in digit_files]

@@ -181,7 +181,9 @@ def test_augmentation_depends_on_epoch_not_on_call_order(embedded):
 
 
 def test_default_standard_model_is_a_trained_cached_standard_model(bcos_cache_dir, embedded):
-    from transformers import AutoImageProcessor, ResNetForImageClassification
+    from transformers import ResNetForImageClassification
+
+    from transformers_bcos._compat import AutoImageProcessor
 
     folder = default_standard_model("resnet", cache_dir=bcos_cache_dir)
     assert os.path.basename(folder) == "mnist-resnet-standard-v1"

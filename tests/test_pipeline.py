@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, NUM_LABELS, run_without_package
 from PIL import Image
-from transformers import AutoImageProcessor
 
 from transformers_bcos import bcosify_pretrained
+from transformers_bcos._compat import AutoImageProcessor
 from transformers_bcos.pipeline_bcos import CUSTOM_PIPELINES, ImageExplanationPipeline
 
 

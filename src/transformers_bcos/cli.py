@@ -136,7 +136,9 @@ def read_image(path: str):
 
 def load_bcos_model(location: str):
     """(model in eval mode, its image processor) of a saved B-cos model; CLIError for anything else."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
+
+    from ._compat import AutoImageProcessor
 
     check_model_location(location)
     config = AutoConfig.from_pretrained(location)
@@ -476,7 +478,9 @@ LOAD_CHECK = textwrap.dedent(
 
     import numpy as np
     from PIL import Image
-    from transformers import AutoImageProcessor, AutoModel, pipeline
+    from transformers import AutoModel, pipeline
+    # transformers.AutoImageProcessor needs torchvision on transformers 5.17; this path does not.
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     folder = sys.argv[1]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()

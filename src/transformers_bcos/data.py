@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
-from transformers import AutoImageProcessor
+
+from ._compat import AutoImageProcessor
 
 # The embedded data sets, addressed as "embedded:<name>" on the command line so that they never
 # shadow a Hub dataset of the same name (e.g. the Hub's "mnist").

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModelForImageClassification,
     ConvNextForImageClassification,
     DeiTForImageClassification,
@@ -32,6 +31,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from .._compat import AutoImageProcessor
 from ..configuration_bcos import SUPPORTED_BACKBONES, BcosConfig
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES
 from ..modeling_bcos import BcosForImageClassification

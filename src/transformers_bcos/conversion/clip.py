@@ -14,9 +14,10 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, CLIPModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
+from .._compat import AutoImageProcessor
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES, BcosCLIPConfig
 from ..modeling_bcos_clip import BcosCLIPModel
 from . import _processor_settings, check_all_written, check_conversion_arguments, copy_units

@@ -10,8 +10,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
+from .._compat import AutoImageProcessor
 from ..modeling_bcos import BcosPreTrainedModel
 
 # Standard transformers families whose position embeddings fix the input size.
