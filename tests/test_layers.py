@@ -82,3 +82,29 @@ def test_attention_matrix_is_detached_in_explanation_mode():
     torch.testing.assert_close((jacobian * x).sum(), y.sum())
     (full,) = torch.autograd.grad(attention(x).sum(), x)
     assert not torch.allclose(full, jacobian)
+
+
+@pytest.mark.parametrize("geometry", [CONV_GEOMETRIES[0], CONV_GEOMETRIES[2], CONV_GEOMETRIES[5]])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sliced_passes_match_the_whole_tensor_ones(geometry, channels_last, monkeypatch):
+    """Large activations go through the scale and the sum of squares slice by slice: the same values
+    and gradients as in one piece (whose backward the gradchecks above verify)."""
+    from transformers_bcos import layers
+
+    torch.manual_seed(0)
+    conv = BcosConv2d(**geometry).double()
+    linear = BcosLinear(conv.in_channels, 5).double()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, conv.in_channels, 9, 9, dtype=torch.double).contiguous(memory_format=memory_format).requires_grad_(True)
+    tokens = torch.randn(2, 7, conv.in_channels, dtype=torch.double, requires_grad=True)
+
+    def outputs_and_gradients():
+        y, z = conv(x), linear(tokens)
+        grads = torch.autograd.grad(y.pow(2).sum() + z.pow(3).sum(), (x, tokens, conv.weight, linear.weight))
+        return (y, z, *grads)
+
+    whole = outputs_and_gradients()
+    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 40)  # a few elements per slice: many slices
+    sliced = outputs_and_gradients()
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

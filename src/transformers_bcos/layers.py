@@ -36,6 +36,35 @@ def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.cat([pixel_values, 1.0 - pixel_values], dim=1)
 
 
+# The element-wise passes next to a convolution (the B-cos scale, the channel sum of squares) are
+# memory-bound: run one after another over a whole activation larger than the caches, each pass
+# streams it from memory again. Run slice by slice (about 1 MiB of float32 each), the later passes
+# over a slice find it in cache: 1.4-2x faster on ResNet-50's activations (CPU, measured).
+_SLICE_ELEMENTS = 1 << 18
+
+
+def _sliced(*tensors):
+    """Matching slices of ``tensors`` (broadcastable to the first) along one dimension of the first.
+
+    The slicing dimension follows the memory layout (channels, or height for channels_last), so that
+    a slice is a few long contiguous runs. A tensor of size 1 along it comes whole with every slice.
+    Small tensors, and traced code (the compiler fuses the passes itself), get one slice.
+    """
+    first = tensors[0]
+    if first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last):
+        dim = 2
+    else:
+        dim = 1 if first.dim() > 2 else 0
+    size = first.shape[dim] if first.dim() else 1
+    step = max(1, _SLICE_ELEMENTS * size // max(first.numel(), 1))
+    if step >= size or torch.compiler.is_compiling():
+        yield tensors
+        return
+    for start in range(0, size, step):
+        length = min(step, size - start)
+        yield tuple(t if t.shape[dim] == 1 else t.narrow(dim, start, length) for t in tensors)
+
+
 class _SquareScale(torch.autograd.Function):
     """y = out·|out| / norm (the b = 2 B-cos non-linearity) with a hand-written backward.
 
@@ -43,12 +72,22 @@ class _SquareScale(torch.autograd.Function):
     next layer keeps for its own backward anyway, so the non-linearity adds no activation memory
     beyond 1/norm (one channel for ungrouped layers), where autograd through the plain expression
     kept out, |out| and the quotient alive.
+
+    With ``overwrite`` (the layers' own call, where out is their temporary) y is written over out:
+    no allocation of a fresh activation (whose first touch costs page faults) and one pass less.
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, out: torch.Tensor, input_norm: torch.Tensor, overwrite: bool) -> torch.Tensor:
         inv_norm = input_norm.reciprocal()
-        y = out.abs().mul_(out).mul_(inv_norm)  # in place: one allocation instead of three
+        # Not while tracing: dynamo cannot trace mark_dirty here, and compiled code plans its own buffers.
+        if overwrite and not torch.compiler.is_compiling():
+            ctx.mark_dirty(out)
+            y = out
+            for o, n in _sliced(out, inv_norm):
+                o.mul_(o.abs()).mul_(n)
+        else:
+            y = out.abs().mul_(out).mul_(inv_norm)
         ctx.save_for_backward(y, inv_norm)
         return y
 
@@ -56,11 +95,43 @@ class _SquareScale(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         y, inv_norm = ctx.saved_tensors
-        grad_out = (y.abs() * inv_norm).sqrt_().mul_(grad).mul_(2.0)  # 2·g·|out|/norm
-        grad_norm = None
-        if ctx.needs_input_grad[1]:  # d(out|out|/n)/dn = -y/n, summed over broadcast dims
-            grad_norm = (grad * y * inv_norm).neg_().sum_to_size(inv_norm.shape)
-        return grad_out, grad_norm
+        grad_out = torch.empty_like(y, dtype=grad.dtype)
+        # d(out|out|/n)/dn = -y/n: Σ g·y over the dims n broadcasts along, times -1/n afterwards.
+        summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[1] else []
+        for t, g, gy, n, *s in _sliced(y, grad, grad_out, inv_norm, *summed):
+            gy.copy_(t).abs_().mul_(n).sqrt_().mul_(g).mul_(2.0)  # 2·g·|out|/n
+            if s:
+                s[0].add_((g * t).sum_to_size(s[0].shape))
+        grad_norm = summed[0].mul_(inv_norm).neg_() if summed else None
+        return grad_out, grad_norm, None
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """Σx² over dim 1 (channels of a conv input) or -1 (features of a linear input), keepdim.
+
+    Its backward, 2·x·g, is one pass, where autograd through pow + sum or vector_norm took several
+    (the norm's also divides and masks zero norms). It saves x, which the linear map beside it
+    keeps anyway. Sums accumulate in at least float32, so bf16 inputs lose nothing to slicing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        ctx.save_for_backward(x)
+        if dim == -1:  # the contiguous last dim: vector_norm reduces it in one fused pass
+            return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_()
+        # Channels of NCHW: pow + sum, slice by slice (vector_norm(dim=1) reduces across the strided
+        # channel dim, up to 15x slower, measured on CPU).
+        summed = x.new_zeros((x.shape[0], 1, *x.shape[2:]), dtype=dtype)
+        for part, total in _sliced(x, summed):
+            total.add_(part.square().sum(1, keepdim=True, dtype=dtype))
+        return summed
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return x * (2.0 * grad).to(x.dtype), None
 
 
 class _BoxSum(torch.autograd.Function):
@@ -98,8 +169,13 @@ def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bo
     ``out`` is the linear response w·x (+ bias), ``input_norm`` the L2 norm of the input patch.
     With ``detach`` (explanation mode) the scale is a constant and y is linear in ``out``.
     """
+    return _bcos_scale(out, input_norm, b, detach, overwrite=False)
+
+
+def _bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bool, overwrite: bool) -> torch.Tensor:
+    """`bcos_scale`; ``overwrite``: out is the caller's temporary, which the b = 2 scale may reuse."""
     if b == 2 and not detach:
-        return _SquareScale.apply(out, input_norm)
+        return _SquareScale.apply(out, input_norm, overwrite)
     if b == 2:
         scale = out.abs() / input_norm
     else:
@@ -107,7 +183,8 @@ def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bo
         scale = (out.abs() / input_norm + 1e-6).pow(b - 1)
     if detach:
         scale = scale.detach()
-    return out * scale
+    # The norm is summed in at least float32: under autocast the output keeps the response's dtype.
+    return out * scale.to(out.dtype)
 
 
 def _check_b(b: float) -> float:
@@ -164,13 +241,12 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
 
     def input_norm(self, x: torch.Tensor) -> torch.Tensor:
         """L2 norm of each receptive field (per group), broadcastable to the conv output."""
-        # pow + sum over channels: for NCHW inputs this is up to 15x faster than vector_norm(dim=1),
-        # whose reduction runs across the strided channel dimension (measured on CPU).
-        squared = x.pow(2)
         if self.groups == 1:
-            squared = squared.sum(1, keepdim=True)
-        elif self.in_channels != self.groups:
-            squared = squared.unflatten(1, (self.groups, -1)).sum(2)
+            squared = _SumOfSquares.apply(x, 1)
+        else:
+            squared = x.pow(2)
+            if self.in_channels != self.groups:
+                squared = squared.unflatten(1, (self.groups, -1)).sum(2)
         summed = self._receptive_field_sum(squared)
         norm = (summed + NORM_EPS).sqrt()
         if self.groups > 1 and self.out_channels != self.groups:
@@ -196,7 +272,7 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         out = F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.b == 1:
             return out
-        return bcos_scale(out, self.input_norm(x), self.b, self.explanation_mode)
+        return _bcos_scale(out, self.input_norm(x), self.b, self.explanation_mode, overwrite=True)
 
 
 class BcosLinear(ExplainableModule, nn.Linear):
@@ -226,9 +302,7 @@ class BcosLinear(ExplainableModule, nn.Linear):
 
     @staticmethod
     def input_norm(x: torch.Tensor) -> torch.Tensor:
-        # sqrt(Σx² + eps) through vector_norm: over the contiguous last dimension it is one fused
-        # pass, several times faster than pow + sum.
-        return (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS).sqrt()
+        return (_SumOfSquares.apply(x, -1) + NORM_EPS).sqrt()
 
     def forward(self, x: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input_norm``: ``BcosLinear.input_norm(x)`` when several layers share the input."""
@@ -237,7 +311,7 @@ class BcosLinear(ExplainableModule, nn.Linear):
             return out
         if input_norm is None:
             input_norm = self.input_norm(x)
-        return bcos_scale(out, input_norm, self.b, self.explanation_mode)
+        return _bcos_scale(out, input_norm, self.b, self.explanation_mode, overwrite=True)
 
 
 class _UncenteredBatchNormTraining(torch.autograd.Function):

@@ -1,0 +1,190 @@
+"""torch.compile, channels_last and bf16 autocast on every B-cos model family.
+
+Compilation uses the "aot_eager" backend: it traces the whole forward with dynamo (fullgraph=True
+fails on any graph break) and the backward with AOTAutograd, custom autograd Functions included,
+in about a second per model. Inductor would also generate and compile C++ kernels, 10-30 s per
+model on a 2-core CPU, and it adds nothing about graph breaks.
+"""
+
+import pytest
+import torch
+from conftest import FAMILIES, NUM_LABELS, character_tokenizer, clip_image_processor, tiny_clip
+
+from transformers_bcos import bcosify_pretrained
+from transformers_bcos.conversion.clip import bcosify_clip
+
+BACKEND = "aot_eager"
+TARGETS = torch.tensor([0, 1, 2, 3])
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: all B-cos classifiers share one forward, so compiled
+    variants of earlier tests would count towards dynamo's recompilation limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def models(source_folders):
+    return {family: bcosify_pretrained(source_folders[family]) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def max_rel_diff(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def completeness_error(explanation):
+    total = explanation.contributions.double().sum((-2, -1))
+    output = explanation.explained_output.double()
+    return ((total - output).abs() / output.abs().clamp_min(1.0)).max().item()
+
+
+def gradients(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_compiles_in_one_graph_and_matches_eager(family, models, pixels):
+    model = models[family].eval()
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixel_values=pixels).logits, model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_compiles_in_one_graph_and_matches_eager(family, models, pixels):
+    """Train mode: batch statistics (ResNet's custom batch-norm Function) and the backward pass."""
+    model = models[family].train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        loss = model(pixel_values=pixels, labels=TARGETS).loss
+        loss.backward()
+        expected = gradients(model)
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)  # the same running statistics for the compiled step
+        compiled_loss = torch.compile(model, fullgraph=True, backend=BACKEND)(pixel_values=pixels, labels=TARGETS).loss
+        compiled_loss.backward()
+        got = gradients(model)
+        torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-7)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+        model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_through_a_compiled_forward_is_exact(family, models, pixels, monkeypatch):
+    model = models[family].eval()
+    expected = model.explain(pixels, target=TARGETS)
+    monkeypatch.setattr(model, "forward", torch.compile(model.forward, fullgraph=True, backend=BACKEND))
+    got = model.explain(pixels, target=TARGETS)
+    torch.testing.assert_close(got.dynamic_linear_weights, expected.dynamic_linear_weights, rtol=1e-5, atol=1e-8)
+    assert completeness_error(got) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def clip_model(tmp_path_factory):
+    tokenizer = character_tokenizer(tmp_path_factory.mktemp("clip_vocab"))
+    return bcosify_clip(tiny_clip(tokenizer), image_processor=clip_image_processor(), tokenizer=tokenizer).eval()
+
+
+def test_clip_image_tower_compiles_in_one_graph_and_explains_exactly(clip_model, pixels, monkeypatch):
+    images = pixels[:3]
+    compiled = torch.compile(clip_model.get_image_features, fullgraph=True, backend=BACKEND)
+    with torch.no_grad():
+        got, expected = compiled(pixel_values=images).pooler_output, clip_model.get_image_features(pixel_values=images).pooler_output
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    texts = ["a cat", "a red car"]
+    expected = clip_model.explain(images, text=texts)
+    monkeypatch.setattr(clip_model, "vision_model", torch.compile(clip_model.vision_model, fullgraph=True, backend=BACKEND))
+    explanation = clip_model.explain(images, text=texts)
+    torch.testing.assert_close(explanation.dynamic_linear_weights, expected.dynamic_linear_weights, rtol=1e-5, atol=1e-8)
+    assert completeness_error(explanation) <= 1e-5
+
+
+# ------------------------------------------------------------------------------ channels_last
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+@pytest.mark.parametrize("training", [False, True])
+def test_channels_last_gives_the_same_logits_and_explanations(family, training, models, pixels):
+    model = models[family]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.train(training)
+        expected = model(pixel_values=pixels).logits
+        model.load_state_dict(state)
+        model.to(memory_format=torch.channels_last)
+        got = model(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        if not training:
+            explanation = model.explain(pixels.contiguous(memory_format=torch.channels_last), target=TARGETS)
+            assert completeness_error(explanation) <= 1e-5
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+        model.load_state_dict(state)
+        model.eval()
+
+
+# ------------------------------------------------------------------------------ bf16 autocast
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_training_step_is_finite_and_close_to_float32(family, models, pixels):
+    model = models[family].train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        reference = model(pixel_values=pixels, labels=TARGETS)
+        reference.loss.backward()
+        expected = gradients(model)
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(pixel_values=pixels, labels=TARGETS)
+        output.loss.backward()
+        got = gradients(model)
+        assert torch.isfinite(output.logits).all() and torch.isfinite(output.loss)
+        assert max_rel_diff(output.logits, reference.logits) <= 3e-2
+        assert got.keys() == expected.keys()
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in got.values())
+        # bf16 keeps ~3 significant digits: single small gradients can be far off (as in the
+        # standard transformers models), the whole gradient points the same way.
+        cosine = torch.nn.functional.cosine_similarity(
+            torch.cat([g.flatten() for g in got.values()]), torch.cat([g.flatten() for g in expected.values()]), dim=0
+        )
+        assert cosine >= 0.99
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+        model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_explanations_are_close_and_float32_stays_exact(family, models, pixels):
+    model = models[family].eval()
+    exact = model.explain(pixels, target=TARGETS)
+    assert completeness_error(exact) <= 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approximate = model.explain(pixels, target=TARGETS)
+    assert approximate.dynamic_linear_weights.dtype == torch.float32
+    assert torch.isfinite(approximate.dynamic_linear_weights).all()
+    cosine = torch.nn.functional.cosine_similarity(
+        approximate.dynamic_linear_weights.flatten(1), exact.dynamic_linear_weights.flatten(1), dim=1
+    )
+    assert cosine.min() >= 0.99
+    assert completeness_error(approximate) <= 1e-2
+    assert approximate.logits.shape == (len(pixels), NUM_LABELS)
