@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from transformers_bcos import explanation_mode
-from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLinear, BcosSelfAttention
+from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, BcosSelfAttention
 
 CONV_GEOMETRIES = [
     dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
@@ -108,3 +108,39 @@ def test_sliced_passes_match_the_whole_tensor_ones(geometry, channels_last, monk
     sliced = outputs_and_gradients()
     for a, b in zip(sliced, whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_explanation_mode_layer_norm_is_the_definition_with_its_std_detached(channels_first, bias):
+    """The one-op explanation-mode layer norm: same output as F.layer_norm, and the gradients of
+    (x - mean(x))·w/std (+ b) with the std detached, for the input, the weight and the bias."""
+    torch.manual_seed(0)
+    norm = BcosLayerNorm(6, eps=1e-5, bias=bias, channels_first=channels_first).double()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        if bias:
+            norm.bias.normal_(0, 0.3)
+    x = torch.randn(2, 6, 3, 5, dtype=torch.double) if channels_first else torch.randn(2, 4, 6, dtype=torch.double)
+    x = (3 * x + 1).requires_grad_()
+    grad = torch.randn_like(x)
+
+    def definition(x):
+        moved = x.movedim(1, -1) if channels_first else x
+        centred = moved - moved.mean(-1, keepdim=True)
+        y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps).detach() * norm.weight
+        y = y + norm.bias if bias else y
+        return y.movedim(-1, 1) if channels_first else y
+
+    parameters = [p for p in (norm.weight, norm.bias) if p is not None]
+    expected_y = definition(x)
+    expected = torch.autograd.grad(expected_y, [x, *parameters], grad)
+    with explanation_mode(norm):
+        y = norm(x)
+    got = torch.autograd.grad(y, [x, *parameters], grad)
+    torch.testing.assert_close(y, expected_y, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    # Not the layer-norm gradient: with the std detached, the input gradient differs.
+    standard = torch.autograd.grad(norm(x), x, grad)[0]
+    assert not torch.allclose(got[0], standard, rtol=1e-3, atol=1e-6)

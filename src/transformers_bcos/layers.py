@@ -390,6 +390,38 @@ class BcosBatchNorm2d(ExplainableModule, nn.BatchNorm2d):
         return (x - mean.to(x.dtype).view(1, -1, 1, 1)) * gain + self.bias.view(1, -1, 1, 1)
 
 
+class _LayerNormDetachedStd(torch.autograd.Function):
+    """Layer norm over the last dim whose 1/std is a constant for the backward pass.
+
+    The forward is the fused layer-norm kernel; the backward is that of the linear map
+    x -> (x - mean(x))·(1/std)·w (+ b) with 1/std fixed: the centring projection is its own
+    adjoint, so dx = (1/std)·(g·w - mean(g·w)). One op instead of the five that autograd recorded
+    (and whose intermediates it kept) for the same explanation-mode layer norm.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+        y, _, inv_std = torch.native_layer_norm(x, weight.shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, inv_std)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, inv_std = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weighted = grad * weight
+            grad_input = (weighted - weighted.mean(-1, keepdim=True)).mul_(inv_std.to(weighted.dtype))
+        if ctx.needs_input_grad[1]:
+            normalized = (x - x.mean(-1, keepdim=True)) * inv_std.to(x.dtype)
+            grad_weight = (grad * normalized).sum_to_size(weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum_to_size(weight.shape)
+        return grad_input, grad_weight, grad_bias, None
+
+
 class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
     """Layer norm over the channel dimension whose std is detached in explanation mode.
 
@@ -408,11 +440,7 @@ class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
         if self.channels_first:
             x = x.movedim(1, -1)
         if self.explanation_mode:
-            centred = x - x.mean(-1, keepdim=True)
-            inv_std = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps).detach()
-            y = centred * inv_std * self.weight
-            if self.bias is not None:
-                y = y + self.bias
+            y = _LayerNormDetachedStd.apply(x, self.weight, self.bias, self.eps)
         else:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return y.movedim(-1, 1) if self.channels_first else y
