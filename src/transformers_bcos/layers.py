@@ -9,6 +9,7 @@ This file travels with saved checkpoints (``trust_remote_code``): it imports tor
 standard library only.
 """
 
+import contextlib
 import math
 from typing import Optional
 
@@ -187,6 +188,12 @@ def _bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: b
     return out * scale.to(out.dtype)
 
 
+def _graph_unless(explanation_mode: bool):
+    """No autograd graph for what is a constant of the explanation (input norms, attention
+    queries and keys): it would be detached anyway, and its graph kept activations alive."""
+    return torch.no_grad() if explanation_mode else contextlib.nullcontext()
+
+
 def _check_b(b: float) -> float:
     if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or b <= 0:
         raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
@@ -272,7 +279,9 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         out = F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.b == 1:
             return out
-        return _bcos_scale(out, self.input_norm(x), self.b, self.explanation_mode, overwrite=True)
+        with _graph_unless(self.explanation_mode):
+            norm = self.input_norm(x)
+        return _bcos_scale(out, norm, self.b, self.explanation_mode, overwrite=True)
 
 
 class BcosLinear(ExplainableModule, nn.Linear):
@@ -310,7 +319,8 @@ class BcosLinear(ExplainableModule, nn.Linear):
         if self.b == 1:
             return out
         if input_norm is None:
-            input_norm = self.input_norm(x)
+            with _graph_unless(self.explanation_mode):
+                input_norm = self.input_norm(x)
         return _bcos_scale(out, input_norm, self.b, self.explanation_mode, overwrite=True)
 
 
@@ -402,7 +412,8 @@ class _LayerNormDetachedStd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
         y, _, inv_std = torch.native_layer_norm(x, weight.shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, inv_std)
+        # x only serves the weight gradient (explain() freezes the weights: nothing kept then).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, inv_std)
         ctx.has_bias = bias is not None
         return y
 
@@ -530,13 +541,12 @@ class BcosSelfAttention(ExplainableModule):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
-        norm = BcosLinear.input_norm(hidden_states)  # q, k and v share their input
-        query = self.q_proj(hidden_states, norm).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states, norm).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states, norm).view(shape).transpose(1, 2)
-        if self.explanation_mode:
+        with _graph_unless(self.explanation_mode):
+            norm = BcosLinear.input_norm(hidden_states)  # q, k and v share their input
             # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
-            query, key = query.detach(), key.detach()
+            query = self.q_proj(hidden_states, norm).view(shape).transpose(1, 2)
+            key = self.k_proj(hidden_states, norm).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states, norm).view(shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
 
