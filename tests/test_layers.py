@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from transformers_bcos import explanation_mode
-from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, BcosSelfAttention
+from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, BcosMlp, BcosSelfAttention
 
 CONV_GEOMETRIES = [
     dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
@@ -144,3 +144,79 @@ def test_explanation_mode_layer_norm_is_the_definition_with_its_std_detached(cha
     # Not the layer-norm gradient: with the std detached, the input gradient differs.
     standard = torch.autograd.grad(norm(x), x, grad)[0]
     assert not torch.allclose(got[0], standard, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "quick_gelu"])
+@pytest.mark.parametrize("b", [2.0, 1.5])
+def test_explanation_mode_mlp_keeps_one_hidden_factor(activation, b):
+    """In explanation mode the MLP multiplies the hidden response by one constant (B-cos factor
+    times activation gate): the layers' values and gradients, with one hidden-sized tensor kept
+    for the backward pass where the two layers one after the other keep two."""
+    torch.manual_seed(0)
+    mlp = BcosMlp(6, 24, activation, b=b).double().requires_grad_(False)  # frozen, as in explain()
+    x = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
+
+    def hidden_sized_saved(fn):
+        kept = []
+
+        def pack(t):
+            if t.shape == (2, 5, 24):
+                kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(x)
+        return y, len(kept)
+
+    with explanation_mode(mlp):
+        expected, unfused_kept = hidden_sized_saved(lambda x: mlp.fc2(mlp.activation(mlp.fc1(x))))
+        y, fused_kept = hidden_sized_saved(mlp)
+        grad = torch.randn_like(y)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(y, x, grad), torch.autograd.grad(expected, x, grad), rtol=1e-12, atol=1e-12)
+    assert (unfused_kept, fused_kept) == (2, 1)
+
+
+def test_linear_with_recomputed_response_matches_and_keeps_no_output():
+    """recompute_response: the same values and gradients (gradcheck in float64, and the standard
+    path's under bf16 autocast), with the output no longer kept for the backward pass."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
+    recomputed = BcosLinear(5, 3, bias=True, recompute_response=True).double()
+    standard = BcosLinear(5, 3, bias=True).double()
+    standard.load_state_dict(recomputed.state_dict())
+    assert torch.autograd.gradcheck(lambda x, w, b: recomputed(x), (x, recomputed.weight, recomputed.bias))
+
+    def kept_outputs(layer, x):
+        kept = []
+
+        def pack(t):
+            kept.append(t.shape == (*x.shape[:-1], 3))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        return y, sum(kept)
+
+    (y, recomputed_kept), (expected, standard_kept) = kept_outputs(recomputed, x), kept_outputs(standard, x)
+    assert (recomputed_kept, standard_kept) == (0, 1)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, (x, recomputed.weight, recomputed.bias), grad),
+        torch.autograd.grad(expected, (x, standard.weight, standard.bias), grad),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+    recomputed.float(), standard.float()
+    x = x.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = recomputed(x), standard(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, recomputed.weight, recomputed.bias), grad)
+    want = torch.autograd.grad(expected, (x, standard.weight, standard.bias), grad)
+    assert [g.dtype for g in got] == [w.dtype for w in want]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

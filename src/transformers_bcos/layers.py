@@ -107,6 +107,48 @@ class _SquareScale(torch.autograd.Function):
         return grad_out, grad_norm, None
 
 
+class _RecomputedSquareScaleLinear(torch.autograd.Function):
+    """The b = 2 B-cos linear layer, y = r·|r|/norm with r = x·Wᵀ (+ bias), keeping only x.
+
+    `_SquareScale` keeps y for its backward. Where nothing else keeps y (a projection whose output
+    goes into a residual sum), that is one activation more than the standard layer keeps; this
+    backward recomputes r from x, which the weight gradient needs anyway: one matrix product more,
+    one activation less. The recomputation runs under the forward's autocast state, so it repeats
+    the forward's r exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], input_norm: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        y = F.linear(x, weight, bias)
+        inv_norm = input_norm.reciprocal()
+        for o, n in _sliced(y, inv_norm):
+            o.mul_(o.abs()).mul_(n)
+        ctx.save_for_backward(x, weight, bias, inv_norm)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, inv_norm = ctx.saved_tensors
+        device_type, dtype, enabled = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            response = F.linear(x, weight, bias)
+            # d(r|r|/n)/dn = -r|r|/n²: Σ g·r|r| over the features, times -1/n² afterwards.
+            summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[3] else []
+            for r, g, n, *s in _sliced(response, grad, inv_norm, *summed):
+                if s:
+                    s[0].add_((g * r * r.abs()).sum(-1, keepdim=True))
+                r.abs_().mul_(n).mul_(g).mul_(2.0)  # in place: dL/dr = 2·g·|r|/n
+            grad_response = response
+            grad_x = grad_response.matmul(weight) if ctx.needs_input_grad[0] else None
+            grad_weight = grad_response.flatten(0, -2).t().matmul(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_response.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_norm = summed[0].mul_(inv_norm).mul_(inv_norm).neg_() if summed else None
+        return grad_x, grad_weight, grad_bias, grad_norm
+
+
 class _SumOfSquares(torch.autograd.Function):
     """Σx² over dim 1 (channels of a conv input) or -1 (features of a linear input), keepdim.
 
@@ -177,15 +219,20 @@ def _bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: b
     """`bcos_scale`; ``overwrite``: out is the caller's temporary, which the b = 2 scale may reuse."""
     if b == 2 and not detach:
         return _SquareScale.apply(out, input_norm, overwrite)
+    with _graph_unless(detach):
+        scale = _bcos_factor(out, input_norm, b)
+    return out * scale
+
+
+def _bcos_factor(out: torch.Tensor, input_norm: torch.Tensor, b: float) -> torch.Tensor:
+    """The factor by which the B-cos non-linearity multiplies the response ``out``."""
     if b == 2:
         scale = out.abs() / input_norm
     else:
         # +1e-6 keeps the gradient of the power finite where the response is 0.
         scale = (out.abs() / input_norm + 1e-6).pow(b - 1)
-    if detach:
-        scale = scale.detach()
     # The norm is summed in at least float32: under autocast the output keeps the response's dtype.
-    return out * scale.to(out.dtype)
+    return scale.to(out.dtype)
 
 
 def _graph_unless(explanation_mode: bool):
@@ -294,12 +341,16 @@ class BcosLinear(ExplainableModule, nn.Linear):
         bias: bool = False,
         b: float = 2.0,
         normalize_weights: bool = False,
+        recompute_response: bool = False,
         device=None,
         dtype=None,
     ):
+        """``recompute_response``: for b = 2, keep the input instead of the output for the backward
+        pass and recompute the response there (for outputs that nothing else keeps)."""
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.b = _check_b(b)
         self.normalize_weights = normalize_weights
+        self.recompute_response = recompute_response
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b}, normalize_weights={self.normalize_weights}"
@@ -315,12 +366,14 @@ class BcosLinear(ExplainableModule, nn.Linear):
 
     def forward(self, x: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input_norm``: ``BcosLinear.input_norm(x)`` when several layers share the input."""
-        out = F.linear(x, self._weight(), self.bias)
         if self.b == 1:
-            return out
+            return F.linear(x, self._weight(), self.bias)
         if input_norm is None:
             with _graph_unless(self.explanation_mode):
                 input_norm = self.input_norm(x)
+        if self.recompute_response and self.b == 2 and not self.explanation_mode and torch.is_grad_enabled():
+            return _RecomputedSquareScaleLinear.apply(x, self._weight(), self.bias, input_norm)
+        out = F.linear(x, self._weight(), self.bias)
         return _bcos_scale(out, input_norm, self.b, self.explanation_mode, overwrite=True)
 
 
@@ -493,8 +546,29 @@ class DetachableActivation(ExplainableModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.explanation_mode and self.gate is not None:
-            return self.gate(x).detach() * x
+            return self.detached_gate(x) * x
         return self.function(x)
+
+    def detached_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x."""
+        with torch.no_grad():
+            return self.gate(x) if self.gate is not None else (x > 0).to(x.dtype)
+
+
+def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
+    """``activation(linear(x))``, keeping half the memory for the backward pass in explanation mode.
+
+    There both layers multiply by a constant: y = r·s·gate(r·s) for the linear response r and the
+    B-cos factor s. As two products autograd keeps s and the gate, each the size of the hidden
+    layer (4× the model width in transformer MLPs); as one product r·(s·gate) it keeps one factor.
+    """
+    if not (linear.explanation_mode and activation.explanation_mode) or linear.b == 1:
+        return activation(linear(x))
+    response = F.linear(x, linear._weight(), linear.bias)
+    with torch.no_grad():
+        factor = _bcos_factor(response, linear.input_norm(x), linear.b)
+        factor.mul_(activation.detached_gate(response * factor))
+    return response * factor
 
 
 def patch_unit_means(encoded_pixel_values: torch.Tensor, patch_size) -> tuple:
@@ -536,7 +610,9 @@ class BcosSelfAttention(ExplainableModule):
         self.dropout = dropout
         for name in projection_order:
             self.add_module(f"{name}_proj", BcosLinear(hidden_size, hidden_size, qkv_bias, b, normalize_weights))
-        self.o_proj = BcosLinear(hidden_size, hidden_size, out_bias, b, normalize_weights)
+        # Its output only enters the residual sum: recomputing it in the backward pass saves one
+        # activation per block for 1/12 of the block's matrix products.
+        self.o_proj = BcosLinear(hidden_size, hidden_size, out_bias, b, normalize_weights, recompute_response=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, length, _ = hidden_states.shape
@@ -561,4 +637,4 @@ class BcosMlp(nn.Module):
         self.fc2 = BcosLinear(hidden_features, in_features, bias, b, normalize_weights)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
+        return self.fc2(linear_activation(self.fc1, self.activation, hidden_states))

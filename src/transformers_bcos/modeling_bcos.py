@@ -32,6 +32,7 @@ from .layers import (
     BcosSelfAttention,
     DetachableActivation,
     encode_pixel_values,
+    linear_activation,
     patch_unit_means,
 )
 
@@ -284,7 +285,7 @@ class BcosConvNextLayer(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         residual = features
         features = self.layernorm(self.dwconv(features).permute(0, 2, 3, 1))
-        features = self.pwconv2(self.activation(self.pwconv1(features)))
+        features = self.pwconv2(linear_activation(self.pwconv1, self.activation, features))
         if self.layer_scale_parameter is not None:
             features = self.layer_scale_parameter * features
         return residual + self.drop_path(features.permute(0, 3, 1, 2))
