@@ -27,6 +27,7 @@ def test_conv_input_norm_is_the_norm_of_each_receptive_field(geometry):
     patches = patches.view(2, conv.groups, -1, patches.shape[-1])
     expected = patches.pow(2).sum(2).sqrt().repeat_interleave(conv.out_channels // conv.groups, 1)
     norm = conv.input_norm(x)
+    torch.testing.assert_close(conv.inverse_input_norm(x), 1 / norm)
     norm = norm.expand(2, conv.out_channels, *norm.shape[-2:]).flatten(2)
     torch.testing.assert_close(norm, expected, rtol=1e-10, atol=1e-10)
 
@@ -46,7 +47,8 @@ def test_linear_gradients_and_shared_norm():
     linear = BcosLinear(5, 3, b=2.0).double()
     x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: linear(x), (x, linear.weight))
-    torch.testing.assert_close(linear(x, BcosLinear.input_norm(x)), linear(x))
+    torch.testing.assert_close(linear(x, BcosLinear.inverse_input_norm(x)), linear(x))
+    torch.testing.assert_close(BcosLinear.inverse_input_norm(x), 1 / BcosLinear.input_norm(x))
     b15 = BcosLinear(5, 3, b=1.5).double()
     assert torch.autograd.gradcheck(lambda x: b15(x), (x,))
 

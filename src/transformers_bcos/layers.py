@@ -67,20 +67,20 @@ def _sliced(*tensors):
 
 
 class _SquareScale(torch.autograd.Function):
-    """y = out·|out| / norm (the b = 2 B-cos non-linearity) with a hand-written backward.
+    """y = out·|out|·inv_norm (the b = 2 B-cos non-linearity, inv_norm = 1/norm) with a
+    hand-written backward.
 
-    The backward needs only y and 1/norm: |out|/norm = sqrt(|y|/norm). The output y is what the
-    next layer keeps for its own backward anyway, so the non-linearity adds no activation memory
-    beyond 1/norm (one channel for ungrouped layers), where autograd through the plain expression
-    kept out, |out| and the quotient alive.
+    The backward needs only y and inv_norm: |out|·inv_norm = sqrt(|y|·inv_norm). The output y is
+    what the next layer keeps for its own backward anyway, so the non-linearity adds no activation
+    memory beyond inv_norm (one channel for ungrouped layers), where autograd through the plain
+    expression kept out, |out| and the quotient alive.
 
     With ``overwrite`` (the layers' own call, where out is their temporary) y is written over out:
     no allocation of a fresh activation (whose first touch costs page faults) and one pass less.
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, input_norm: torch.Tensor, overwrite: bool) -> torch.Tensor:
-        inv_norm = input_norm.reciprocal()
+    def forward(ctx, out: torch.Tensor, inv_norm: torch.Tensor, overwrite: bool) -> torch.Tensor:
         # Not while tracing: dynamo cannot trace mark_dirty here, and compiled code plans its own buffers.
         if overwrite and not torch.compiler.is_compiling():
             ctx.mark_dirty(out)
@@ -97,18 +97,18 @@ class _SquareScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         y, inv_norm = ctx.saved_tensors
         grad_out = torch.empty_like(y, dtype=grad.dtype)
-        # d(out|out|/n)/dn = -y/n: Σ g·y over the dims n broadcasts along, times -1/n afterwards.
+        # d(out|out|·i)/di = y/i: Σ g·y over the dims i broadcasts along, divided by i afterwards.
         summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[1] else []
         for t, g, gy, n, *s in _sliced(y, grad, grad_out, inv_norm, *summed):
-            gy.copy_(t).abs_().mul_(n).sqrt_().mul_(g).mul_(2.0)  # 2·g·|out|/n
+            gy.copy_(t).abs_().mul_(n).sqrt_().mul_(g).mul_(2.0)  # 2·g·|out|·i
             if s:
                 s[0].add_((g * t).sum_to_size(s[0].shape))
-        grad_norm = summed[0].mul_(inv_norm).neg_() if summed else None
-        return grad_out, grad_norm, None
+        grad_inv_norm = summed[0].div_(inv_norm) if summed else None
+        return grad_out, grad_inv_norm, None
 
 
 class _RecomputedSquareScaleLinear(torch.autograd.Function):
-    """The b = 2 B-cos linear layer, y = r·|r|/norm with r = x·Wᵀ (+ bias), keeping only x.
+    """The b = 2 B-cos linear layer, y = r·|r|·inv_norm with r = x·Wᵀ (+ bias), keeping only x.
 
     `_SquareScale` keeps y for its backward. Where nothing else keeps y (a projection whose output
     goes into a residual sum), that is one activation more than the standard layer keeps; this
@@ -118,11 +118,10 @@ class _RecomputedSquareScaleLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], input_norm: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], inv_norm: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         y = F.linear(x, weight, bias)
-        inv_norm = input_norm.reciprocal()
         for o, n in _sliced(y, inv_norm):
             o.mul_(o.abs()).mul_(n)
         ctx.save_for_backward(x, weight, bias, inv_norm)
@@ -135,18 +134,17 @@ class _RecomputedSquareScaleLinear(torch.autograd.Function):
         device_type, dtype, enabled = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             response = F.linear(x, weight, bias)
-            # d(r|r|/n)/dn = -r|r|/n²: Σ g·r|r| over the features, times -1/n² afterwards.
+            # d(r|r|·i)/di = r|r|: Σ g·r|r| over the features.
             summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[3] else []
             for r, g, n, *s in _sliced(response, grad, inv_norm, *summed):
                 if s:
                     s[0].add_((g * r * r.abs()).sum(-1, keepdim=True))
-                r.abs_().mul_(n).mul_(g).mul_(2.0)  # in place: dL/dr = 2·g·|r|/n
+                r.abs_().mul_(n).mul_(g).mul_(2.0)  # in place: dL/dr = 2·g·|r|·i
             grad_response = response
             grad_x = grad_response.matmul(weight) if ctx.needs_input_grad[0] else None
             grad_weight = grad_response.flatten(0, -2).t().matmul(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
         grad_bias = grad_response.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        grad_norm = summed[0].mul_(inv_norm).mul_(inv_norm).neg_() if summed else None
-        return grad_x, grad_weight, grad_bias, grad_norm
+        return grad_x, grad_weight, grad_bias, summed[0] if summed else None
 
 
 class _SumOfSquares(torch.autograd.Function):
@@ -212,27 +210,35 @@ def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bo
     ``out`` is the linear response w·x (+ bias), ``input_norm`` the L2 norm of the input patch.
     With ``detach`` (explanation mode) the scale is a constant and y is linear in ``out``.
     """
-    return _bcos_scale(out, input_norm, b, detach, overwrite=False)
+    return _bcos_scale(out, input_norm.reciprocal(), b, detach, overwrite=False)
 
 
-def _bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bool, overwrite: bool) -> torch.Tensor:
-    """`bcos_scale`; ``overwrite``: out is the caller's temporary, which the b = 2 scale may reuse."""
+def _bcos_scale(out: torch.Tensor, inv_norm: torch.Tensor, b: float, detach: bool, overwrite: bool) -> torch.Tensor:
+    """`bcos_scale` given 1/norm; ``overwrite``: out is the caller's temporary, which the b = 2
+    scale may reuse."""
     if b == 2 and not detach:
-        return _SquareScale.apply(out, input_norm, overwrite)
+        return _SquareScale.apply(out, inv_norm, overwrite)
     with _graph_unless(detach):
-        scale = _bcos_factor(out, input_norm, b)
+        scale = _bcos_factor(out, inv_norm, b)
     return out * scale
 
 
-def _bcos_factor(out: torch.Tensor, input_norm: torch.Tensor, b: float) -> torch.Tensor:
+def _bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
     """The factor by which the B-cos non-linearity multiplies the response ``out``."""
     if b == 2:
-        scale = out.abs() / input_norm
+        scale = out.abs() * inv_norm
     else:
         # +1e-6 keeps the gradient of the power finite where the response is 0.
-        scale = (out.abs() / input_norm + 1e-6).pow(b - 1)
+        scale = (out.abs() * inv_norm + 1e-6).pow(b - 1)
     # The norm is summed in at least float32: under autocast the output keeps the response's dtype.
     return scale.to(out.dtype)
+
+
+def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
+    """1/sqrt(Σx² + eps), in place over the caller's fresh ``sum_of_squares``: the B-cos scale
+    multiplies by it, and one in-place pass replaces three (add, sqrt, reciprocal) and their
+    allocations. Autograd keeps only the result, which the scale keeps anyway."""
+    return sum_of_squares.add_(NORM_EPS).rsqrt_()
 
 
 def _graph_unless(explanation_mode: bool):
@@ -295,6 +301,14 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
 
     def input_norm(self, x: torch.Tensor) -> torch.Tensor:
         """L2 norm of each receptive field (per group), broadcastable to the conv output."""
+        return (self._receptive_field_squares(x) + NORM_EPS).sqrt()
+
+    def inverse_input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / ``input_norm(x)``: what the forward pass multiplies by."""
+        return _inverse_norm(self._receptive_field_squares(x))
+
+    def _receptive_field_squares(self, x: torch.Tensor) -> torch.Tensor:
+        """Σx² over each receptive field (per group), broadcastable to the conv output; a fresh tensor."""
         if self.groups == 1:
             squared = _SumOfSquares.apply(x, 1)
         else:
@@ -302,10 +316,9 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
             if self.in_channels != self.groups:
                 squared = squared.unflatten(1, (self.groups, -1)).sum(2)
         summed = self._receptive_field_sum(squared)
-        norm = (summed + NORM_EPS).sqrt()
         if self.groups > 1 and self.out_channels != self.groups:
-            norm = norm.repeat_interleave(self.out_channels // self.groups, dim=1)
-        return norm
+            summed = summed.repeat_interleave(self.out_channels // self.groups, dim=1)
+        return summed
 
     def _receptive_field_sum(self, squared: torch.Tensor) -> torch.Tensor:
         """Sum ``squared`` (one channel per group) over each receptive field of the conv."""
@@ -327,8 +340,8 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         if self.b == 1:
             return out
         with _graph_unless(self.explanation_mode):
-            norm = self.input_norm(x)
-        return _bcos_scale(out, norm, self.b, self.explanation_mode, overwrite=True)
+            inv_norm = self.inverse_input_norm(x)
+        return _bcos_scale(out, inv_norm, self.b, self.explanation_mode, overwrite=True)
 
 
 class BcosLinear(ExplainableModule, nn.Linear):
@@ -362,19 +375,25 @@ class BcosLinear(ExplainableModule, nn.Linear):
 
     @staticmethod
     def input_norm(x: torch.Tensor) -> torch.Tensor:
+        """L2 norm of x over the features."""
         return (_SumOfSquares.apply(x, -1) + NORM_EPS).sqrt()
 
-    def forward(self, x: torch.Tensor, input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``input_norm``: ``BcosLinear.input_norm(x)`` when several layers share the input."""
+    @staticmethod
+    def inverse_input_norm(x: torch.Tensor) -> torch.Tensor:
+        """1 / ``input_norm(x)``: what the forward pass multiplies by."""
+        return _inverse_norm(_SumOfSquares.apply(x, -1))
+
+    def forward(self, x: torch.Tensor, inverse_input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``inverse_input_norm``: ``BcosLinear.inverse_input_norm(x)`` when several layers share x."""
         if self.b == 1:
             return F.linear(x, self._weight(), self.bias)
-        if input_norm is None:
+        if inverse_input_norm is None:
             with _graph_unless(self.explanation_mode):
-                input_norm = self.input_norm(x)
+                inverse_input_norm = self.inverse_input_norm(x)
         if self.recompute_response and self.b == 2 and not self.explanation_mode and torch.is_grad_enabled():
-            return _RecomputedSquareScaleLinear.apply(x, self._weight(), self.bias, input_norm)
+            return _RecomputedSquareScaleLinear.apply(x, self._weight(), self.bias, inverse_input_norm)
         out = F.linear(x, self._weight(), self.bias)
-        return _bcos_scale(out, input_norm, self.b, self.explanation_mode, overwrite=True)
+        return _bcos_scale(out, inverse_input_norm, self.b, self.explanation_mode, overwrite=True)
 
 
 class _UncenteredBatchNormTraining(torch.autograd.Function):
@@ -566,7 +585,7 @@ def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: t
         return activation(linear(x))
     response = F.linear(x, linear._weight(), linear.bias)
     with torch.no_grad():
-        factor = _bcos_factor(response, linear.input_norm(x), linear.b)
+        factor = _bcos_factor(response, linear.inverse_input_norm(x), linear.b)
         factor.mul_(activation.detached_gate(response * factor))
     return response * factor
 
@@ -618,11 +637,11 @@ class BcosSelfAttention(ExplainableModule):
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
         with _graph_unless(self.explanation_mode):
-            norm = BcosLinear.input_norm(hidden_states)  # q, k and v share their input
+            inverse_norm = BcosLinear.inverse_input_norm(hidden_states)  # q, k and v share their input
             # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
-            query = self.q_proj(hidden_states, norm).view(shape).transpose(1, 2)
-            key = self.k_proj(hidden_states, norm).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states, norm).view(shape).transpose(1, 2)
+            query = self.q_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
+            key = self.k_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
 
