@@ -150,17 +150,21 @@ def bench_layers(args) -> list:
     import torch
     from torch import nn
 
-    from transformers_bcos.layers import BcosConv2d, BcosLinear
+    from transformers_bcos.layers import BcosConv2d, BcosLinear, encode_pixel_values
 
     rows = []
     scale = args.image_size / 224
     for name, cin, cout, k, stride, groups, size in LAYER_SHAPES:
         size = max(int(size * scale), k)
         standard = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False).to(args.device)
-        # The B-cos stem reads the 6-channel encoding.
-        bcos = BcosConv2d(2 * cin if cin == 3 else cin, cout, k, stride, k // 2, groups=groups).to(args.device)
-        x_std = torch.randn(args.batch, cin, size, size, device=args.device, requires_grad=True)
-        x_bcos = torch.randn(args.batch, bcos.in_channels, size, size, device=args.device, requires_grad=True)
+        if cin == 3:  # the stem: an image in, no input gradient; the B-cos stem reads its 6-channel encoding
+            bcos = BcosConv2d(6, cout, k, stride, k // 2, encoded_image_input=True).to(args.device)
+            x_std = torch.rand(args.batch, cin, size, size, device=args.device)
+            x_bcos = encode_pixel_values(torch.rand(args.batch, cin, size, size, device=args.device))
+        else:
+            bcos = BcosConv2d(cin, cout, k, stride, k // 2, groups=groups).to(args.device)
+            x_std = torch.randn(args.batch, cin, size, size, device=args.device, requires_grad=True)
+            x_bcos = torch.randn(args.batch, cin, size, size, device=args.device, requires_grad=True)
         rows.append(_layer_row(name, standard, bcos, x_std, x_bcos, args))
     for name, fin, fout in LINEAR_SHAPES:
         tokens = (args.image_size // 16) ** 2 + 1

@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from transformers_bcos import explanation_mode
-from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, BcosMlp, BcosSelfAttention
+from transformers_bcos.layers import (
+    BcosBatchNorm2d,
+    BcosConv2d,
+    BcosLayerNorm,
+    BcosLinear,
+    BcosMlp,
+    BcosSelfAttention,
+    encode_pixel_values,
+)
 
 CONV_GEOMETRIES = [
     dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
@@ -222,3 +230,42 @@ def test_linear_with_recomputed_response_matches_and_keeps_no_output():
     want = torch.autograd.grad(expected, (x, standard.weight, standard.bias), grad)
     assert [g.dtype for g in got] == [w.dtype for w in want]
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kernel_size=7, stride=2, padding=3),  # the ResNet stem
+        dict(kernel_size=4, stride=4),  # ConvNeXt / ViT patches
+        dict(kernel_size=3, padding=1, dilation=2, bias=True),
+    ],
+)
+@pytest.mark.parametrize("b", [2.0, 1.0])
+def test_first_conv_folds_the_encoded_image(geometry, b):
+    """A first convolution given exactly [x, 1 - x] runs on x with folded weights: the same
+    response and weight gradients as the six-channel convolution. Any other input, an input that
+    needs a gradient, and explanation mode take the six-channel path."""
+    torch.manual_seed(0)
+    folding = BcosConv2d(6, 5, b=b, encoded_image_input=True, **geometry).double()
+    plain = BcosConv2d(6, 5, b=b, **geometry).double()
+    plain.load_state_dict(folding.state_dict())
+    encoded = encode_pixel_values(torch.rand(2, 3, 12, 12, dtype=torch.double))
+    assert folding._reads_encoded_image(encoded)
+
+    def parameters(conv):
+        return [p for p in (conv.weight, conv.bias) if p is not None]
+
+    y, expected = folding(encoded), plain(encoded)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, parameters(folding), grad), torch.autograd.grad(expected, parameters(plain), grad), rtol=1e-12, atol=1e-12
+    )
+
+    not_encoded = encoded.clone()
+    not_encoded[0, 4, 3, 3] += 0.25
+    assert not folding._reads_encoded_image(not_encoded)
+    assert not folding._reads_encoded_image(encoded.clone().requires_grad_())
+    with explanation_mode(folding):
+        assert not folding._reads_encoded_image(encoded)
+    assert not plain._reads_encoded_image(encoded)

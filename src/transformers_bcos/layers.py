@@ -66,6 +66,19 @@ def _sliced(*tensors):
         yield tuple(t if t.shape[dim] == 1 else t.narrow(dim, start, length) for t in tensors)
 
 
+def _square_scale_in_place(out: torch.Tensor, inv_norm: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+    """out·|out|·inv_norm over out itself, slice by slice; then, for inference, times a
+    per-channel ``channel_gain`` (1, C, 1, 1) and through ReLU while each slice is in cache."""
+    gain = [channel_gain] if channel_gain is not None else []
+    for o, n, *g in _sliced(out, inv_norm, *gain):
+        o.mul_(o.abs()).mul_(n)
+        if g:
+            o.mul_(g[0])
+        if relu:
+            o.clamp_min_(0)
+    return out
+
+
 class _SquareScale(torch.autograd.Function):
     """y = out·|out|·inv_norm (the b = 2 B-cos non-linearity, inv_norm = 1/norm) with a
     hand-written backward.
@@ -84,9 +97,7 @@ class _SquareScale(torch.autograd.Function):
         # Not while tracing: dynamo cannot trace mark_dirty here, and compiled code plans its own buffers.
         if overwrite and not torch.compiler.is_compiling():
             ctx.mark_dirty(out)
-            y = out
-            for o, n in _sliced(out, inv_norm):
-                o.mul_(o.abs()).mul_(n)
+            y = _square_scale_in_place(out, inv_norm)
         else:
             y = out.abs().mul_(out).mul_(inv_norm)
         ctx.save_for_backward(y, inv_norm)
@@ -121,9 +132,7 @@ class _RecomputedSquareScaleLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], inv_norm: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        y = F.linear(x, weight, bias)
-        for o, n in _sliced(y, inv_norm):
-            o.mul_(o.abs()).mul_(n)
+        y = _square_scale_in_place(F.linear(x, weight, bias), inv_norm)
         ctx.save_for_backward(x, weight, bias, inv_norm)
         return y
 
@@ -253,12 +262,31 @@ def _check_b(b: float) -> float:
     return float(b)
 
 
+def _conv_of_encoded_image(encoded: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation) -> torch.Tensor:
+    """conv2d of an encoded image [x, 1 - x] computed from x: W·[x; 1 - x] = (W_x - W_inv)·x + W_inv·1.
+
+    The convolution reads half the channels. The constant term W_inv·1 is the same for every
+    image and varies only where a receptive field reaches into the zero padding: one
+    single-channel convolution of an all-ones image.
+    """
+    channels = encoded.shape[1] // 2
+    direct, inverse = weight[:, :channels], weight[:, channels:]
+    out = F.conv2d(encoded[:, :channels], direct - inverse, bias, stride, padding, dilation)
+    ones = encoded.new_ones(1, 1, *encoded.shape[2:])
+    return out.add_(F.conv2d(ones, inverse.sum(1, keepdim=True), None, stride, padding, dilation))
+
+
 class BcosConv2d(ExplainableModule, nn.Conv2d):
     """B-cos 2D convolution: ``conv(x) * |conv(x) / ||patch(x)|| |^(b-1)``.
 
     With ``b=1`` it is a plain convolution (with the bias, if any). ``normalize_weights`` uses
     unit-norm filters (B-cos v2); B-cosified models keep the raw pretrained filters, which only
     rescales each output channel.
+
+    ``encoded_image_input`` marks a model's first convolution, which reads the encoded image
+    [x, 1 - x]. When its input is exactly that encoding and needs no gradient, the convolution
+    runs on x with folded weights (half the input channels, the same response); explanations
+    (which need the gradient for all six channels) and any other input take the plain path.
     """
 
     def __init__(
@@ -273,6 +301,7 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         bias: bool = False,
         b: float = 2.0,
         normalize_weights: bool = False,
+        encoded_image_input: bool = False,
         device=None,
         dtype=None,
     ):
@@ -290,6 +319,7 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         )
         self.b = _check_b(b)
         self.normalize_weights = normalize_weights
+        self.encoded_image_input = encoded_image_input
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b}, normalize_weights={self.normalize_weights}"
@@ -298,6 +328,15 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         if not self.normalize_weights:
             return self.weight
         return self.weight / self.weight.flatten(1).norm(dim=1).clamp_min(NORM_EPS).view(-1, 1, 1, 1)
+
+    def _reads_encoded_image(self, x: torch.Tensor) -> bool:
+        """Whether x is exactly [x, 1 - x] and the folded convolution may replace the plain one."""
+        if not self.encoded_image_input or self.explanation_mode or x.requires_grad or self.groups != 1:
+            return False
+        if torch.compiler.is_compiling() or x.shape[1] % 2:  # the check is data-dependent: not traced
+            return False
+        channels = x.shape[1] // 2
+        return torch.equal(x[:, channels:], 1.0 - x[:, :channels])
 
     def input_norm(self, x: torch.Tensor) -> torch.Tensor:
         """L2 norm of each receptive field (per group), broadcastable to the conv output."""
@@ -335,13 +374,31 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
             return _BoxSum.apply(rows, (1, kw), (1, 1), (0, pw), (1, 1))
         return _BoxSum.apply(squared, self.kernel_size, self.stride, self.padding, self.dilation)
 
+    def _response(self, x: torch.Tensor) -> torch.Tensor:
+        if self._reads_encoded_image(x):
+            return _conv_of_encoded_image(x, self._weight(), self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        out = self._response(x)
         if self.b == 1:
             return out
         with _graph_unless(self.explanation_mode):
             inv_norm = self.inverse_input_norm(x)
         return _bcos_scale(out, inv_norm, self.b, self.explanation_mode, overwrite=True)
+
+    def can_fuse_epilogue(self) -> bool:
+        """Whether `forward_with_epilogue` applies: b = 2, no autograd, outside explanation mode."""
+        return self.b == 2 and not torch.is_grad_enabled() and not self.explanation_mode
+
+    def forward_with_epilogue(self, x: torch.Tensor, channel_gain: torch.Tensor, relu: bool) -> torch.Tensor:
+        """``forward(x) * channel_gain`` (then ReLU, if asked) for inference (`can_fuse_epilogue`).
+
+        A batch norm with running statistics that follows is a per-channel gain; applied (with
+        the ReLU) to each output slice while the B-cos scale has it in cache, neither costs a pass
+        of its own over an activation larger than the caches.
+        """
+        return _square_scale_in_place(self._response(x), self.inverse_input_norm(x), channel_gain, relu)
 
 
 class BcosLinear(ExplainableModule, nn.Linear):
@@ -446,6 +503,13 @@ class BcosBatchNorm2d(ExplainableModule, nn.BatchNorm2d):
     @property
     def centered(self) -> bool:
         return self.bias is not None
+
+    def inference_gain(self) -> Optional[torch.Tensor]:
+        """(1, C, 1, 1) weight/std of the running statistics: what an uncentered layer multiplies
+        by outside training; None for a centered or training layer."""
+        if self.training or self.centered:
+            return None
+        return (torch.rsqrt(self.running_var + self.eps) * self.weight).view(1, -1, 1, 1)
 
     def _momentum(self) -> float:
         """The running-average factor of this step (cumulative average when momentum is None)."""

@@ -108,7 +108,7 @@ class BcosViTEmbeddings(nn.Module):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.patch_embeddings = BcosConv2d(
-            6, hidden_size, self.patch_size, stride=self.patch_size, bias=config.use_bias, **_bcos_kwargs(config)
+            6, hidden_size, self.patch_size, stride=self.patch_size, bias=config.use_bias, encoded_image_input=True, **_bcos_kwargs(config)
         )
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
         self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
@@ -181,16 +181,36 @@ class BcosViTBackbone(nn.Module):
 
 
 class BcosResNetConvLayer(nn.Module):
-    def __init__(self, config: BcosConfig, in_channels, out_channels, kernel_size=3, stride=1, activation="relu"):
+    def __init__(self, config: BcosConfig, in_channels, out_channels, kernel_size=3, stride=1, activation="relu", encoded_image_input=False):
         super().__init__()
         self.convolution = BcosConv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False, **_bcos_kwargs(config)
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            bias=False,
+            encoded_image_input=encoded_image_input,
+            **_bcos_kwargs(config),
         )
         self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
         self.activation = DetachableActivation(activation) if activation is not None else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fuse = _epilogue_fusion(self.convolution, self.normalization, self.activation)
+        if fuse is not None:
+            return self.convolution.forward_with_epilogue(hidden_states, *fuse)
         return self.activation(self.normalization(self.convolution(hidden_states)))
+
+
+def _epilogue_fusion(convolution: BcosConv2d, normalization: BcosBatchNorm2d, activation: nn.Module = None):
+    """(gain, relu) when the batch norm (and ReLU) after ``convolution`` can run inside it, for
+    inference (see `BcosConv2d.forward_with_epilogue`); else None."""
+    relu = isinstance(activation, DetachableActivation) and activation.name == "relu"
+    if not (activation is None or isinstance(activation, nn.Identity) or relu) or not convolution.can_fuse_epilogue():
+        return None
+    gain = normalization.inference_gain()
+    return None if gain is None else (gain, relu)
 
 
 class BcosResNetShortCut(nn.Module):
@@ -200,6 +220,9 @@ class BcosResNetShortCut(nn.Module):
         self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fuse = _epilogue_fusion(self.convolution, self.normalization)
+        if fuse is not None:
+            return self.convolution.forward_with_epilogue(hidden_states, *fuse)
         return self.normalization(self.convolution(hidden_states))
 
 
@@ -228,7 +251,10 @@ class BcosResNetResidualLayer(nn.Module):
         self.activation = DetachableActivation(act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.layer(hidden_states) + self.shortcut(hidden_states))
+        residual = self.shortcut(hidden_states)
+        hidden_states = self.layer(hidden_states)
+        hidden_states += residual  # in place, as in transformers' ResNet: the layer's output is its own
+        return self.activation(hidden_states)
 
 
 class BcosResNetBackbone(nn.Module):
@@ -237,7 +263,7 @@ class BcosResNetBackbone(nn.Module):
     def __init__(self, config: BcosConfig):
         super().__init__()
         backbone = config.backbone_config
-        self.embedder = BcosResNetConvLayer(config, 6, backbone.embedding_size, 7, 2, backbone.hidden_act)
+        self.embedder = BcosResNetConvLayer(config, 6, backbone.embedding_size, 7, 2, backbone.hidden_act, encoded_image_input=True)
         # Max pooling is piecewise linear: the selection needs no detaching.
         self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stages = nn.ModuleList()
@@ -321,7 +347,7 @@ class BcosConvNextBackbone(nn.Module):
         backbone = config.backbone_config
         sizes = backbone.hidden_sizes
         self.patch_embeddings = BcosConv2d(
-            6, sizes[0], backbone.patch_size, stride=backbone.patch_size, bias=config.use_bias, **_bcos_kwargs(config)
+            6, sizes[0], backbone.patch_size, stride=backbone.patch_size, bias=config.use_bias, encoded_image_input=True, **_bcos_kwargs(config)
         )
         self.embedding_layernorm = BcosLayerNorm(sizes[0], eps=1e-6, bias=config.use_bias, channels_first=True)
         # Stochastic depth grows linearly over all layers (computed in Python: this also runs on meta).

@@ -92,7 +92,7 @@ class BcosCLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(hidden_size))
         # CLIP's patch embedding has no bias; the folded input normalisation needs none either.
         self.patch_embedding = BcosConv2d(
-            6, hidden_size, self.patch_size, stride=self.patch_size, bias=False, **_bcos_kwargs(config)
+            6, hidden_size, self.patch_size, stride=self.patch_size, bias=False, encoded_image_input=True, **_bcos_kwargs(config)
         )
         self.position_embedding = nn.Parameter(torch.zeros(num_positions, hidden_size))
 
