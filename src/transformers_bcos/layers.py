@@ -223,24 +223,26 @@ def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bo
 
 
 def _bcos_scale(out: torch.Tensor, inv_norm: torch.Tensor, b: float, detach: bool, overwrite: bool) -> torch.Tensor:
-    """`bcos_scale` given 1/norm; ``overwrite``: out is the caller's temporary, which the b = 2
-    scale may reuse."""
+    """`bcos_scale` given 1/norm; ``overwrite``: out is the caller's temporary, which the scale
+    may reuse (the linear maps that produce it do not keep their output)."""
     if b == 2 and not detach:
         return _SquareScale.apply(out, inv_norm, overwrite)
-    with _graph_unless(detach):
-        scale = _bcos_factor(out, inv_norm, b)
-    return out * scale
+    if detach:
+        factor = _detached_bcos_factor(out, inv_norm, b)
+        return out.mul_(factor) if overwrite else out * factor
+    # Other exponents in training: autograd of the definition; +1e-6 keeps the gradient of the
+    # power finite where the response is 0. The norm is summed in at least float32: under
+    # autocast the output keeps the response's dtype.
+    return out * (out.abs() * inv_norm + 1e-6).pow(b - 1).to(out.dtype)
 
 
-def _bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
-    """The factor by which the B-cos non-linearity multiplies the response ``out``."""
-    if b == 2:
-        scale = out.abs() * inv_norm
-    else:
-        # +1e-6 keeps the gradient of the power finite where the response is 0.
-        scale = (out.abs() * inv_norm + 1e-6).pow(b - 1)
-    # The norm is summed in at least float32: under autocast the output keeps the response's dtype.
-    return scale.to(out.dtype)
+def _detached_bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
+    """The factor by which the B-cos non-linearity multiplies ``out``, as a constant: no graph,
+    one temporary (fresh temporaries of activation size cost page faults)."""
+    with torch.no_grad():
+        if b == 2:
+            return out.abs().mul_(inv_norm)
+        return (out.abs() * inv_norm).add_(1e-6).pow_(b - 1).to(out.dtype)
 
 
 def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -593,24 +595,33 @@ class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
         return y.movedim(-1, 1) if self.channels_first else y
 
 
-def _gelu_gate(x):
-    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+# Gates are constants of the explanation, computed without autograd: each overwrites the
+# temporary it is given (one allocation instead of one per operation).
 
 
-def _tanh_gelu_gate(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+def _gelu_gate_(t):
+    return t.mul_(1.0 / math.sqrt(2.0)).erf_().add_(1.0).mul_(0.5)
 
 
-# name (as in transformers' ``hidden_act``) -> (function, gate with function(x) = gate(x) * x;
+def _tanh_gelu_gate_(t):
+    cubic = t.pow(3).mul_(0.044715)
+    return t.add_(cubic).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0).mul_(0.5)
+
+
+def _step_gate_(t):
+    return t.gt_(0)
+
+
+# name (as in transformers' ``hidden_act``) -> (function, in-place gate with function(x) = gate(x) * x;
 # None where the function is piecewise linear and needs no detaching)
 GATED_ACTIVATIONS = {
     "relu": (F.relu, None),  # piecewise linear: its gradient already is the (constant) gate
-    "gelu": (F.gelu, _gelu_gate),
-    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate),
-    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate),
-    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), lambda x: torch.sigmoid(1.702 * x)),
-    "silu": (F.silu, torch.sigmoid),
-    "swish": (F.silu, torch.sigmoid),
+    "gelu": (F.gelu, _gelu_gate_),
+    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate_),
+    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate_),
+    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), lambda t: t.mul_(1.702).sigmoid_()),
+    "silu": (F.silu, torch.Tensor.sigmoid_),
+    "swish": (F.silu, torch.Tensor.sigmoid_),
 }
 
 
@@ -632,10 +643,11 @@ class DetachableActivation(ExplainableModule):
             return self.detached_gate(x) * x
         return self.function(x)
 
-    def detached_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x."""
+    def detached_gate(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x. ``overwrite``: x is
+        the caller's temporary, and the gate is written over it."""
         with torch.no_grad():
-            return self.gate(x) if self.gate is not None else (x > 0).to(x.dtype)
+            return (self.gate or _step_gate_)(x if overwrite else x.clone())
 
 
 def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
@@ -649,9 +661,9 @@ def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: t
         return activation(linear(x))
     response = F.linear(x, linear._weight(), linear.bias)
     with torch.no_grad():
-        factor = _bcos_factor(response, linear.inverse_input_norm(x), linear.b)
-        factor.mul_(activation.detached_gate(response * factor))
-    return response * factor
+        factor = _detached_bcos_factor(response, linear.inverse_input_norm(x), linear.b)
+        factor.mul_(activation.detached_gate(response * factor, overwrite=True))
+    return response.mul_(factor)  # the linear map keeps no output: scale in place
 
 
 def patch_unit_means(encoded_pixel_values: torch.Tensor, patch_size) -> tuple:
