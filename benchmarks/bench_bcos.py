@@ -32,7 +32,7 @@ def parse_args():
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype on GPU")
-    parser.add_argument("--sections", default="layers,models,explain,memory,conversion")
+    parser.add_argument("--sections", default="layers,models,compiled,explain,memory,conversion")
     parser.add_argument("--models", default="resnet50,convnext_tiny,vit_small")
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--json", default="benchmarks/results.json")
@@ -94,10 +94,11 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict, repeats: int, device: str, warmup: bool = True) -> dict:
-    """name -> median seconds of ``fn()``, the variants timed in turn (after one warm-up each)."""
-    for fn in variants.values() if warmup else ():
-        fn()
+def interleaved(variants: dict, repeats: int, device: str, warmups: int = 1) -> dict:
+    """name -> median seconds of ``fn()``, the variants timed in turn (after ``warmups`` calls each)."""
+    for _ in range(warmups):
+        for fn in variants.values():
+            fn()
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
@@ -202,46 +203,51 @@ def _layer_row(name, standard, bcos, x_std, x_bcos, args) -> dict:
     }
 
 
-def bench_models(args) -> list:
+def bench_models(args, compiled: bool = False) -> list:
+    """Inference and training step of each model pair; ``compiled``: both models under
+    ``torch.compile`` (inductor, default mode; the warm-up call compiles and is not timed)."""
+    return [_model_row(name, args, compiled) for name in args.models.split(",")]
+
+
+def _model_row(name: str, args, compiled: bool) -> dict:
     import torch
 
-    rows = []
-    for name in args.models.split(","):
-        standard, bcos = model_pair(name, args)
-        x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
-        labels = torch.randint(0, 1000, (args.batch,), device=args.device)
-        standard.eval(), bcos.eval()
+    standard, bcos = model_pair(name, args)
+    if compiled:
+        standard, bcos = torch.compile(standard), torch.compile(bcos)
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    labels = torch.randint(0, 1000, (args.batch,), device=args.device)
+    standard.eval(), bcos.eval()
 
-        def infer(model):
-            def run():
-                with torch.no_grad(), autocast(args):
-                    model(pixel_values=x)
+    def infer(model):
+        def run():
+            with torch.no_grad(), autocast(args):
+                model(pixel_values=x)
 
-            return run
+        return run
 
-        inference = interleaved({"standard": infer(standard), "bcos": infer(bcos)}, args.repeats, args.device)
-        standard.train(), bcos.train()
-        optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in (("standard", standard), ("bcos", bcos))}
-        train = interleaved(
-            {
-                "standard": lambda: training_step(standard, x, labels, optimizers["standard"], args),
-                "bcos": lambda: training_step(bcos, x, labels, optimizers["bcos"], args),
-            },
-            args.repeats,
-            args.device,
-        )
-        rows.append(
-            {
-                "model": name,
-                "inference_ms": [1e3 * inference["standard"], 1e3 * inference["bcos"]],
-                "inference_ratio": inference["bcos"] / inference["standard"],
-                "train_step_ms": [1e3 * train["standard"], 1e3 * train["bcos"]],
-                "train_step_ratio": train["bcos"] / train["standard"],
-                "train_images_per_s": [args.batch / train["standard"], args.batch / train["bcos"]],
-            }
-        )
-        del standard, bcos, optimizers
-    return rows
+    # Compiled code may compile again on its second call (guards specialise after the first).
+    warmups = 2 if compiled else 1
+    inference = interleaved({"standard": infer(standard), "bcos": infer(bcos)}, args.repeats, args.device, warmups)
+    standard.train(), bcos.train()
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in (("standard", standard), ("bcos", bcos))}
+    train = interleaved(
+        {
+            "standard": lambda: training_step(standard, x, labels, optimizers["standard"], args),
+            "bcos": lambda: training_step(bcos, x, labels, optimizers["bcos"], args),
+        },
+        args.repeats,
+        args.device,
+        warmups,
+    )
+    return {
+        "model": name,
+        "inference_ms": [1e3 * inference["standard"], 1e3 * inference["bcos"]],
+        "inference_ratio": inference["bcos"] / inference["standard"],
+        "train_step_ms": [1e3 * train["standard"], 1e3 * train["bcos"]],
+        "train_step_ratio": train["bcos"] / train["standard"],
+        "train_images_per_s": [args.batch / train["standard"], args.batch / train["bcos"]],
+    }
 
 
 def _grad_cam_layer(model):
@@ -255,56 +261,54 @@ def _grad_cam_layer(model):
 
 
 def bench_explain(args) -> list:
+    return [_explain_row(name, args) for name in args.models.split(",")]
+
+
+def _explain_row(name: str, args) -> dict:
     import torch
     from captum.attr import IntegratedGradients, LayerGradCam
 
-    rows = []
-    for name in args.models.split(","):
-        standard, bcos = model_pair(name, args)
-        standard.eval(), bcos.eval()
-        x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
-        mean = torch.tensor([0.485, 0.456, 0.406], device=args.device).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225], device=args.device).view(1, 3, 1, 1)
-        target = torch.arange(args.batch, device=args.device) % 1000
+    standard, bcos = model_pair(name, args)
+    standard.eval(), bcos.eval()
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=args.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=args.device).view(1, 3, 1, 1)
+    target = torch.arange(args.batch, device=args.device) % 1000
 
-        def logits_of(model):
-            return lambda inputs: model(pixel_values=inputs).logits
+    def logits_of(model):
+        return lambda inputs: model(pixel_values=inputs).logits
 
-        ig = IntegratedGradients(logits_of(standard))
-        cam_layer = _grad_cam_layer(standard)
-        grad_cam = LayerGradCam(logits_of(standard), cam_layer)
+    ig = IntegratedGradients(logits_of(standard))
+    cam_layer = _grad_cam_layer(standard)
+    grad_cam = LayerGradCam(logits_of(standard), cam_layer)
 
-        def forward():
-            with torch.no_grad(), autocast(args):
-                bcos(pixel_values=x)
+    def forward():
+        with torch.no_grad(), autocast(args):
+            bcos(pixel_values=x)
 
-        def explain():
-            with autocast(args):
-                bcos.explain(x, target=target)
+    def explain():
+        with autocast(args):
+            bcos.explain(x, target=target)
 
-        def integrated_gradients():
-            ig.attribute((x - mean) / std, target=target, n_steps=args.ig_steps, internal_batch_size=args.batch)
+    def integrated_gradients():
+        ig.attribute((x - mean) / std, target=target, n_steps=args.ig_steps, internal_batch_size=args.batch)
 
-        def gradcam():
-            grad_cam.attribute((x - mean) / std, target=target)
+    def gradcam():
+        grad_cam.attribute((x - mean) / std, target=target)
 
-        fast = interleaved({"forward": forward, "explain": explain}, args.repeats, args.device)
-        # IG runs 50 forward+backward passes: one timed run each is stable, and all are warm by now.
-        slow = interleaved({"explain": explain, "ig": integrated_gradients, "gradcam": gradcam}, 1, args.device, warmup=False)
-        rows.append(
-            {
-                "model": name,
-                "forward_ms": 1e3 * fast["forward"],
-                "explain_ms": 1e3 * fast["explain"],
-                "explain_over_forward": fast["explain"] / fast["forward"],
-                "ig_ms": 1e3 * slow["ig"],
-                "ig_over_explain": slow["ig"] / slow["explain"],
-                "gradcam_ms": 1e3 * slow["gradcam"],
-                "gradcam_over_explain": slow["gradcam"] / slow["explain"],
-            }
-        )
-        del standard, bcos
-    return rows
+    fast = interleaved({"forward": forward, "explain": explain}, args.repeats, args.device)
+    # IG runs 50 forward+backward passes: one timed run each is stable, and all are warm by now.
+    slow = interleaved({"explain": explain, "ig": integrated_gradients, "gradcam": gradcam}, 1, args.device, warmups=0)
+    return {
+        "model": name,
+        "forward_ms": 1e3 * fast["forward"],
+        "explain_ms": 1e3 * fast["explain"],
+        "explain_over_forward": fast["explain"] / fast["forward"],
+        "ig_ms": 1e3 * slow["ig"],
+        "ig_over_explain": slow["ig"] / slow["explain"],
+        "gradcam_ms": 1e3 * slow["gradcam"],
+        "gradcam_over_explain": slow["gradcam"] / slow["explain"],
+    }
 
 
 def memory_probe(model_name: str, task: str, args) -> dict:
@@ -369,7 +373,7 @@ def bench_memory(args) -> list:
             measured[task] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
         rows.append(
             {
-                "model": name,
+            "model": name,
                 "train_peak_mib": [measured["standard_train"], measured["bcos_train"]],
                 "train_peak_ratio": measured["bcos_train"] / measured["standard_train"],
                 "explain_peak_mib": measured["bcos_explain"],
@@ -452,6 +456,7 @@ def main():
     sections = {
         "layers": bench_layers,
         "models": bench_models,
+        "compiled": lambda args: bench_models(args, compiled=True),
         "explain": bench_explain,
         "memory": bench_memory,
         "conversion": bench_conversion,

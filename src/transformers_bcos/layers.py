@@ -110,8 +110,8 @@ class _SquareScale(torch.autograd.Function):
         grad_out = torch.empty_like(y, dtype=grad.dtype)
         # d(out|out|·i)/di = y/i: Σ g·y over the dims i broadcasts along, divided by i afterwards.
         summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[1] else []
-        for t, g, gy, n, *s in _sliced(y, grad, grad_out, inv_norm, *summed):
-            gy.copy_(t).abs_().mul_(n).sqrt_().mul_(g).mul_(2.0)  # 2·g·|out|·i
+        for t, g, gy, n4, *s in _sliced(y, grad, grad_out, 4 * inv_norm, *summed):
+            gy.copy_(t).abs_().mul_(n4).sqrt_().mul_(g)  # 2·g·|out|·i = g·sqrt(4·|y|·i)
             if s:
                 s[0].add_((g * t).sum_to_size(s[0].shape))
         grad_inv_norm = summed[0].div_(inv_norm) if summed else None
@@ -483,8 +483,13 @@ class _UncenteredBatchNormTraining(torch.autograd.Function):
         mean_s = mean * invstd
         correction = (sum_grad_xhat + mean_s * sum_grad) / count
         gain = weight * invstd
-        shape = (1, -1, 1, 1)
-        grad_x = grad * gain.to(grad.dtype).view(shape) - (x - mean.to(x.dtype).view(shape)) * (gain * invstd * correction).to(x.dtype).view(shape)
+        # dL/dx = g·gain - (x - μ)·gain·s·correction, as g·gain + x·slope + offset per channel:
+        # one fused pass per slice instead of four full passes.
+        slope = gain * invstd * correction
+        coefficients = [c.to(grad.dtype).view(1, -1, 1, 1) for c in (gain, -slope, slope * mean)]
+        grad_x = torch.empty_like(grad)
+        for gx, g, xs, g_gain, x_slope, offset in _sliced(grad_x, grad, x, *coefficients):
+            gx.copy_(g).mul_(g_gain).addcmul_(xs, x_slope).add_(offset)
         grad_weight = sum_grad_xhat + mean_s * sum_grad
         return grad_x, grad_weight, None, None, None, None
 
