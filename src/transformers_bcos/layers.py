@@ -213,18 +213,13 @@ class _BoxSum(torch.autograd.Function):
         return grad_input, None, None, None, None
 
 
-def bcos_scale(out: torch.Tensor, input_norm: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
-    """Return ``out * |cos(x, w)|^(b-1) * ||w||^(b-1)``, the B-cos non-linearity.
-
-    ``out`` is the linear response w·x (+ bias), ``input_norm`` the L2 norm of the input patch.
-    With ``detach`` (explanation mode) the scale is a constant and y is linear in ``out``.
-    """
-    return _bcos_scale(out, input_norm.reciprocal(), b, detach, overwrite=False)
-
-
 def _bcos_scale(out: torch.Tensor, inv_norm: torch.Tensor, b: float, detach: bool, overwrite: bool) -> torch.Tensor:
-    """`bcos_scale` given 1/norm; ``overwrite``: out is the caller's temporary, which the scale
-    may reuse (the linear maps that produce it do not keep their output)."""
+    """``out * |cos(x, w)|^(b-1) * ||w||^(b-1)``, the B-cos non-linearity, from the linear response
+    ``out`` = w·x (+ bias) and ``inv_norm`` = 1/||input patch||.
+
+    With ``detach`` (explanation mode) the scale is a constant and y is linear in ``out``.
+    ``overwrite``: out is the caller's temporary, which the scale may reuse (the linear maps that
+    produce it do not keep their output)."""
     if b == 2 and not detach:
         return _SquareScale.apply(out, inv_norm, overwrite)
     if detach:
