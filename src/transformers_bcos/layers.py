@@ -156,32 +156,104 @@ class _RecomputedSquareScaleLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, summed[0] if summed else None
 
 
-class _SumOfSquares(torch.autograd.Function):
+def _sum_of_squares(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Σx² over dim 1 (channels of a conv input) or -1 (features of a linear input), keepdim.
 
-    Its backward, 2·x·g, is one pass, where autograd through pow + sum or vector_norm took several
-    (the norm's also divides and masks zero norms). It saves x, which the linear map beside it
-    keeps anyway. Sums accumulate in at least float32, so bf16 inputs lose nothing to slicing.
+    Sums accumulate in at least float32, so bf16 inputs lose nothing to slicing.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if dim == -1:  # the contiguous last dim: vector_norm reduces it in one fused pass
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_()
+    # Channels of NCHW: pow + sum, slice by slice (vector_norm(dim=1) reduces across the strided
+    # channel dim, up to 15x slower, measured on CPU).
+    summed = x.new_zeros((x.shape[0], 1, *x.shape[2:]), dtype=dtype)
+    for part, total in _sliced(x, summed):
+        total.add_(part.square().sum(1, keepdim=True, dtype=dtype))
+    return summed
+
+
+def _add_sum_of_squares_gradient(grad_x: torch.Tensor, x: torch.Tensor, grad_squares: torch.Tensor) -> torch.Tensor:
+    """grad_x += 2·x·grad_squares (the gradient of Σx², broadcast over the summed dim), in place."""
+    doubled = (2.0 * grad_squares).to(x.dtype)
+    for gx, part, g in _sliced(grad_x, x, doubled):
+        gx.addcmul_(part, g)
+    return grad_x
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """`_sum_of_squares` as an autograd node whose backward, 2·x·g, is one pass, where autograd
+    through pow + sum or vector_norm took several (the norm's also divides and masks zero norms).
+    It saves x, which the linear map beside it keeps anyway.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
         ctx.save_for_backward(x)
-        if dim == -1:  # the contiguous last dim: vector_norm reduces it in one fused pass
-            return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_()
-        # Channels of NCHW: pow + sum, slice by slice (vector_norm(dim=1) reduces across the strided
-        # channel dim, up to 15x slower, measured on CPU).
-        summed = x.new_zeros((x.shape[0], 1, *x.shape[2:]), dtype=dtype)
-        for part, total in _sliced(x, summed):
-            total.add_(part.square().sum(1, keepdim=True, dtype=dtype))
-        return summed
+        return _sum_of_squares(x, dim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         return x * (2.0 * grad).to(x.dtype), None
+
+
+class _ResponseAndSumOfSquares(torch.autograd.Function):
+    """A layer's linear response (conv2d, or linear for ``conv_geometry=None``) and Σx² of its
+    input (for the input norm) as one autograd node.
+
+    Both read x, so both send it a gradient. As two nodes that costs the product 2·x·g, a fresh
+    tensor and autograd's sum of the two; here the norm's part is added into the response's input
+    gradient in one fused pass. Under autocast the response runs in the autocast dtype, as the
+    plain layer's would: the inputs are cast here, their gradients cast back.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], conv_geometry):
+        device_type = x.device.type
+        cast = [x, weight, bias]
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            cast = [t.to(dtype) if t is not None else None for t in cast]
+        with torch.autocast(device_type, enabled=False):
+            if conv_geometry is None:
+                # Written into a tensor of its own: F.linear of a batch of sequences returns a view,
+                # which the B-cos scale could not then overwrite.
+                cast_x, cast_weight, cast_bias = cast
+                response = cast_x.new_empty((*x.shape[:-1], weight.shape[0]))
+                torch.matmul(cast_x, cast_weight.t(), out=response)
+                if cast_bias is not None:
+                    response.add_(cast_bias)
+            else:
+                response = F.conv2d(*cast, *conv_geometry)
+        ctx.save_for_backward(x, cast[0], cast[1])
+        ctx.conv_geometry = conv_geometry
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return response, _sum_of_squares(x, -1 if conv_geometry is None else 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_response: torch.Tensor, grad_squares: torch.Tensor):
+        x, cast_x, cast_weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_response = grad_response.to(cast_weight.dtype)
+        if ctx.conv_geometry is None:
+            flat = grad_response.flatten(0, -2)
+            grad_x = grad_response.matmul(cast_weight) if needs_x else None
+            grad_weight = flat.t().matmul(cast_x.flatten(0, -2)) if needs_weight else None
+            grad_bias = flat.sum(0) if needs_bias else None
+        else:
+            stride, padding, dilation = ctx.conv_geometry
+            bias_sizes = [cast_weight.shape[0]] if ctx.dtypes[1] is not None else None
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_response, cast_x, cast_weight, bias_sizes, stride, padding, dilation, False, [0, 0], 1, [needs_x, needs_weight, needs_bias]
+            )
+        if needs_x:
+            grad_x = _add_sum_of_squares_gradient(grad_x.to(x.dtype), x, grad_squares)
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_weight = grad_weight.to(weight_dtype) if needs_weight else None
+        grad_bias = grad_bias.to(bias_dtype) if needs_bias else None
+        return grad_x, grad_weight, grad_bias, None
 
 
 class _BoxSum(torch.autograd.Function):
@@ -377,12 +449,20 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         return F.conv2d(x, self._weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.b != 1 and self._fuses_input_gradients(x):
+            out, squares = _ResponseAndSumOfSquares.apply(x, self._weight(), self.bias, (self.stride, self.padding, self.dilation))
+            return _bcos_scale(out, _inverse_norm(self._receptive_field_sum(squares)), self.b, False, overwrite=True)
         out = self._response(x)
         if self.b == 1:
             return out
         with _graph_unless(self.explanation_mode):
             inv_norm = self.inverse_input_norm(x)
         return _bcos_scale(out, inv_norm, self.b, self.explanation_mode, overwrite=True)
+
+    def _fuses_input_gradients(self, x: torch.Tensor) -> bool:
+        """Whether x gets gradients from the conv and its norm, summed in one node (training)."""
+        fusable = self.groups == 1 and not isinstance(self.padding, str) and not self.explanation_mode
+        return fusable and x.requires_grad and torch.is_grad_enabled()
 
     def can_fuse_epilogue(self) -> bool:
         """Whether `forward_with_epilogue` applies: b = 2, no autograd, outside explanation mode."""
@@ -441,10 +521,15 @@ class BcosLinear(ExplainableModule, nn.Linear):
         """``inverse_input_norm``: ``BcosLinear.inverse_input_norm(x)`` when several layers share x."""
         if self.b == 1:
             return F.linear(x, self._weight(), self.bias)
+        training = not self.explanation_mode and torch.is_grad_enabled()
+        if inverse_input_norm is None and training and x.requires_grad and not self.recompute_response:
+            # x gets gradients from the response and its norm: summed in one node.
+            out, squares = _ResponseAndSumOfSquares.apply(x, self._weight(), self.bias, None)
+            return _bcos_scale(out, _inverse_norm(squares), self.b, False, overwrite=True)
         if inverse_input_norm is None:
             with _graph_unless(self.explanation_mode):
                 inverse_input_norm = self.inverse_input_norm(x)
-        if self.recompute_response and self.b == 2 and not self.explanation_mode and torch.is_grad_enabled():
+        if self.recompute_response and self.b == 2 and training:
             return _RecomputedSquareScaleLinear.apply(x, self._weight(), self.bias, inverse_input_norm)
         out = F.linear(x, self._weight(), self.bias)
         return _bcos_scale(out, inverse_input_norm, self.b, self.explanation_mode, overwrite=True)
