@@ -1,8 +1,9 @@
 """Inference fast paths give the plain path's logits on every family.
 
-Under ``no_grad`` a model's first convolution folds the encoded image (half the input channels)
-and ResNet convolutions apply their batch norm and ReLU inside the B-cos scale. With the input
-needing a gradient, neither applies: the two runs compare the fast paths against the plain ones.
+Under ``no_grad`` a model's first convolution folds the encoded image (half the input channels),
+ResNet convolutions apply their batch norm and activation inside the B-cos scale, and MLP linear
+layers their activation. With the input needing a gradient none of these applies: the two runs
+compare the fast paths against the plain ones.
 """
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from conftest import FAMILIES
 
 from transformers_bcos import bcosify_pretrained
-from transformers_bcos.layers import BcosConv2d
-from transformers_bcos.modeling_bcos import BcosResNetConvLayer, BcosResNetShortCut
+from transformers_bcos.layers import BcosConv2d, BcosLinear, BcosMlp
+from transformers_bcos.modeling_bcos import BcosConvNextLayer, BcosResNetConvLayer, BcosResNetShortCut
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -22,20 +23,25 @@ def test_no_grad_inference_matches_the_autograd_path(family, source_folders, mni
         plain = model(encoded_pixel_values=encoded.clone().requires_grad_()).logits
 
     calls = {"folded": 0, "epilogue": 0}
-    for name, method in (("folded", "_reads_encoded_image"), ("epilogue", "forward_with_epilogue")):
-        original = getattr(BcosConv2d, method)
+    for layer_type, method, name in (
+        (BcosConv2d, "_reads_encoded_image", "folded"),
+        (BcosConv2d, "forward_with_epilogue", "epilogue"),
+        (BcosLinear, "forward_with_epilogue", "epilogue"),
+    ):
+        original = getattr(layer_type, method)
 
         def counted(self, *args, original=original, name=name):
             result = original(self, *args)
             calls[name] += bool(result is not False)
             return result
 
-        monkeypatch.setattr(BcosConv2d, method, counted)
+        monkeypatch.setattr(layer_type, method, counted)
     with torch.no_grad():
         fast = model(encoded_pixel_values=encoded).logits
 
     torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
     assert calls["folded"] == 1
-    # Every convolution followed by a batch norm (ResNet only) runs it as its epilogue.
-    conv_norm_pairs = sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut)) for m in model.modules())
-    assert calls["epilogue"] == conv_norm_pairs and (conv_norm_pairs > 0) == (family == "resnet")
+    # Every convolution followed by a batch norm (ResNet) and every MLP's first linear layer
+    # (ViT, DeiT, ConvNeXt) runs what follows it as its epilogue.
+    fusion_sites = sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut, BcosMlp, BcosConvNextLayer)) for m in model.modules())
+    assert calls["epilogue"] == fusion_sites > 0

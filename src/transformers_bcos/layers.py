@@ -66,17 +66,24 @@ def _sliced(*tensors):
         yield tuple(t if t.shape[dim] == 1 else t.narrow(dim, start, length) for t in tensors)
 
 
-def _square_scale_in_place(out: torch.Tensor, inv_norm: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+def _square_scale_in_place(out: torch.Tensor, inv_norm: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, activation=None) -> torch.Tensor:
     """out·|out|·inv_norm over out itself, slice by slice; then, for inference, times a
-    per-channel ``channel_gain`` (1, C, 1, 1) and through ReLU while each slice is in cache."""
+    per-channel ``channel_gain`` (1, C, 1, 1) and through an in-place ``activation`` while each
+    slice is in cache."""
     gain = [channel_gain] if channel_gain is not None else []
     for o, n, *g in _sliced(out, inv_norm, *gain):
         o.mul_(o.abs()).mul_(n)
         if g:
             o.mul_(g[0])
-        if relu:
-            o.clamp_min_(0)
+        if activation is not None:
+            activation(o)
     return out
+
+
+def _fuses_epilogue(layer) -> bool:
+    """Whether a B-cos conv or linear layer may run what follows it inside its scale: b = 2, no
+    autograd (inference), outside explanation mode."""
+    return layer.b == 2 and not torch.is_grad_enabled() and not layer.explanation_mode
 
 
 class _SquareScale(torch.autograd.Function):
@@ -466,16 +473,17 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
 
     def can_fuse_epilogue(self) -> bool:
         """Whether `forward_with_epilogue` applies: b = 2, no autograd, outside explanation mode."""
-        return self.b == 2 and not torch.is_grad_enabled() and not self.explanation_mode
+        return _fuses_epilogue(self)
 
-    def forward_with_epilogue(self, x: torch.Tensor, channel_gain: torch.Tensor, relu: bool) -> torch.Tensor:
-        """``forward(x) * channel_gain`` (then ReLU, if asked) for inference (`can_fuse_epilogue`).
+    def forward_with_epilogue(self, x: torch.Tensor, channel_gain: torch.Tensor, activation=None) -> torch.Tensor:
+        """``activation(forward(x) * channel_gain)`` for inference (`can_fuse_epilogue`);
+        ``activation``: an in-place function (`DetachableActivation.inplace_function`) or None.
 
         A batch norm with running statistics that follows is a per-channel gain; applied (with
-        the ReLU) to each output slice while the B-cos scale has it in cache, neither costs a pass
-        of its own over an activation larger than the caches.
+        the activation) to each output slice while the B-cos scale has it in cache, neither costs
+        a pass of its own over an activation larger than the caches.
         """
-        return _square_scale_in_place(self._response(x), self.inverse_input_norm(x), channel_gain, relu)
+        return _square_scale_in_place(self._response(x), self.inverse_input_norm(x), channel_gain, activation)
 
 
 class BcosLinear(ExplainableModule, nn.Linear):
@@ -533,6 +541,17 @@ class BcosLinear(ExplainableModule, nn.Linear):
             return _RecomputedSquareScaleLinear.apply(x, self._weight(), self.bias, inverse_input_norm)
         out = F.linear(x, self._weight(), self.bias)
         return _bcos_scale(out, inverse_input_norm, self.b, self.explanation_mode, overwrite=True)
+
+    def can_fuse_epilogue(self) -> bool:
+        """Whether `forward_with_epilogue` applies: b = 2, no autograd, outside explanation mode."""
+        return _fuses_epilogue(self)
+
+    def forward_with_epilogue(self, x: torch.Tensor, activation) -> torch.Tensor:
+        """``activation(forward(x))`` for inference (`can_fuse_epilogue`), the in-place
+        ``activation`` applied to each output slice while the B-cos scale has it in cache: no
+        activation-sized tensor of its own (for a transformer MLP, 4× the model width)."""
+        out = F.linear(x, self._weight(), self.bias)
+        return _square_scale_in_place(out, self.inverse_input_norm(x), activation=activation)
 
 
 class _UncenteredBatchNormTraining(torch.autograd.Function):
@@ -697,16 +716,20 @@ def _step_gate_(t):
     return t.gt_(0)
 
 
-# name (as in transformers' ``hidden_act``) -> (function, in-place gate with function(x) = gate(x) * x;
-# None where the function is piecewise linear and needs no detaching)
+def _tanh_gelu_(t):
+    return torch.ops.aten.gelu_(t, approximate="tanh")
+
+
+# name (as in transformers' ``hidden_act``) -> (function, the same function in place, in-place gate
+# with function(x) = gate(x) * x; None where the function is piecewise linear and needs no detaching)
 GATED_ACTIVATIONS = {
-    "relu": (F.relu, None),  # piecewise linear: its gradient already is the (constant) gate
-    "gelu": (F.gelu, _gelu_gate_),
-    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate_),
-    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_gate_),
-    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), lambda t: t.mul_(1.702).sigmoid_()),
-    "silu": (F.silu, torch.Tensor.sigmoid_),
-    "swish": (F.silu, torch.Tensor.sigmoid_),
+    "relu": (F.relu, F.relu_, None),  # piecewise linear: its gradient already is the (constant) gate
+    "gelu": (F.gelu, torch.ops.aten.gelu_, _gelu_gate_),
+    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_, _tanh_gelu_gate_),
+    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_, _tanh_gelu_gate_),
+    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), lambda t: t.mul_(torch.sigmoid(1.702 * t)), lambda t: t.mul_(1.702).sigmoid_()),
+    "silu": (F.silu, lambda t: F.silu(t, inplace=True), torch.Tensor.sigmoid_),
+    "swish": (F.silu, lambda t: F.silu(t, inplace=True), torch.Tensor.sigmoid_),
 }
 
 
@@ -718,7 +741,7 @@ class DetachableActivation(ExplainableModule):
         if name not in GATED_ACTIVATIONS:
             raise ValueError(f"Unsupported activation {name!r}; supported: {sorted(GATED_ACTIVATIONS)}.")
         self.name = name
-        self.function, self.gate = GATED_ACTIVATIONS[name]
+        self.function, self.inplace_function, self.gate = GATED_ACTIVATIONS[name]
 
     def extra_repr(self) -> str:
         return self.name
@@ -736,12 +759,15 @@ class DetachableActivation(ExplainableModule):
 
 
 def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
-    """``activation(linear(x))``, keeping half the memory for the backward pass in explanation mode.
+    """``activation(linear(x))``: at inference without an activation-sized tensor of its own, in
+    explanation mode keeping half the memory for the backward pass.
 
     There both layers multiply by a constant: y = r·s·gate(r·s) for the linear response r and the
     B-cos factor s. As two products autograd keeps s and the gate, each the size of the hidden
     layer (4× the model width in transformer MLPs); as one product r·(s·gate) it keeps one factor.
     """
+    if linear.can_fuse_epilogue():  # inference: the activation runs inside the linear layer's scale
+        return linear.forward_with_epilogue(x, activation.inplace_function)
     if not (linear.explanation_mode and activation.explanation_mode) or linear.b == 1:
         return activation(linear(x))
     response = F.linear(x, linear._weight(), linear.bias)

@@ -204,13 +204,13 @@ class BcosResNetConvLayer(nn.Module):
 
 
 def _epilogue_fusion(convolution: BcosConv2d, normalization: BcosBatchNorm2d, activation: nn.Module = None):
-    """(gain, relu) when the batch norm (and ReLU) after ``convolution`` can run inside it, for
-    inference (see `BcosConv2d.forward_with_epilogue`); else None."""
-    relu = isinstance(activation, DetachableActivation) and activation.name == "relu"
-    if not (activation is None or isinstance(activation, nn.Identity) or relu) or not convolution.can_fuse_epilogue():
+    """(gain, in-place activation or None) when the batch norm (and activation) after
+    ``convolution`` can run inside it, for inference (see `BcosConv2d.forward_with_epilogue`);
+    else None."""
+    if not convolution.can_fuse_epilogue():
         return None
     gain = normalization.inference_gain()
-    return None if gain is None else (gain, relu)
+    return None if gain is None else (gain, getattr(activation, "inplace_function", None))
 
 
 class BcosResNetShortCut(nn.Module):
