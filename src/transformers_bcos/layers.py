@@ -156,11 +156,18 @@ class _RecomputedSquareScaleLinear(torch.autograd.Function):
                 if s:
                     s[0].add_((g * r * r.abs()).sum(-1, keepdim=True))
                 r.abs_().mul_(n).mul_(g).mul_(2.0)  # in place: dL/dr = 2·g·|r|·i
-            grad_response = response
-            grad_x = grad_response.matmul(weight) if ctx.needs_input_grad[0] else None
-            grad_weight = grad_response.flatten(0, -2).t().matmul(x.flatten(0, -2)) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_response.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, summed[0] if summed else None
+            grads = _linear_gradients(response, x, weight, ctx.needs_input_grad[:3])
+        return (*grads, summed[0] if summed else None)
+
+
+def _linear_gradients(grad_response: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs) -> tuple:
+    """Gradients of x·Wᵀ (+ bias) for x, W and the bias (None where ``needs`` says none)."""
+    needs_x, needs_weight, needs_bias = needs
+    flat = grad_response.flatten(0, -2)
+    grad_x = grad_response.matmul(weight) if needs_x else None
+    grad_weight = flat.t().matmul(x.flatten(0, -2)) if needs_weight else None
+    grad_bias = flat.sum(0) if needs_bias else None
+    return grad_x, grad_weight, grad_bias
 
 
 def _sum_of_squares(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -245,10 +252,7 @@ class _ResponseAndSumOfSquares(torch.autograd.Function):
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_response = grad_response.to(cast_weight.dtype)
         if ctx.conv_geometry is None:
-            flat = grad_response.flatten(0, -2)
-            grad_x = grad_response.matmul(cast_weight) if needs_x else None
-            grad_weight = flat.t().matmul(cast_x.flatten(0, -2)) if needs_weight else None
-            grad_bias = flat.sum(0) if needs_bias else None
+            grad_x, grad_weight, grad_bias = _linear_gradients(grad_response, cast_x, cast_weight, (needs_x, needs_weight, needs_bias))
         else:
             stride, padding, dilation = ctx.conv_geometry
             bias_sizes = [cast_weight.shape[0]] if ctx.dtypes[1] is not None else None
