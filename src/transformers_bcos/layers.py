@@ -66,7 +66,9 @@ def _sliced(*tensors):
         yield tuple(t if t.shape[dim] == 1 else t.narrow(dim, start, length) for t in tensors)
 
 
-def _square_scale_in_place(out: torch.Tensor, inv_norm: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, activation=None) -> torch.Tensor:
+def _square_scale_in_place(
+    out: torch.Tensor, inv_norm: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, activation=None
+) -> torch.Tensor:
     """out·|out|·inv_norm over out itself, slice by slice; then, for inference, times a
     per-channel ``channel_gain`` (1, C, 1, 1) and through an in-place ``activation`` while each
     slice is in cache."""

@@ -181,7 +181,9 @@ class BcosViTBackbone(nn.Module):
 
 
 class BcosResNetConvLayer(nn.Module):
-    def __init__(self, config: BcosConfig, in_channels, out_channels, kernel_size=3, stride=1, activation="relu", encoded_image_input=False):
+    def __init__(
+        self, config: BcosConfig, in_channels, out_channels, kernel_size=3, stride=1, activation="relu", encoded_image_input=False
+    ):
         super().__init__()
         self.convolution = BcosConv2d(
             in_channels,
@@ -347,7 +349,13 @@ class BcosConvNextBackbone(nn.Module):
         backbone = config.backbone_config
         sizes = backbone.hidden_sizes
         self.patch_embeddings = BcosConv2d(
-            6, sizes[0], backbone.patch_size, stride=backbone.patch_size, bias=config.use_bias, encoded_image_input=True, **_bcos_kwargs(config)
+            6,
+            sizes[0],
+            backbone.patch_size,
+            stride=backbone.patch_size,
+            bias=config.use_bias,
+            encoded_image_input=True,
+            **_bcos_kwargs(config),
         )
         self.embedding_layernorm = BcosLayerNorm(sizes[0], eps=1e-6, bias=config.use_bias, channels_first=True)
         # Stochastic depth grows linearly over all layers (computed in Python: this also runs on meta).
