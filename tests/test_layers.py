@@ -50,10 +50,13 @@ def test_conv_output_and_gradients_match_autograd_of_the_definition(geometry):
     torch.testing.assert_close(conv(x), out * out.abs() / conv.input_norm(x))
 
 
-def test_linear_gradients_and_shared_norm():
+@pytest.mark.parametrize("contiguous", [True, False])  # ResNet's classifier reads a permuted feature map
+def test_linear_gradients_and_shared_norm(contiguous):
     torch.manual_seed(0)
     linear = BcosLinear(5, 3, b=2.0).double()
-    x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
+    x = torch.randn(2, 4, 5, dtype=torch.double) if contiguous else torch.randn(2, 5, 4, dtype=torch.double).transpose(1, 2)
+    assert x.is_contiguous() == contiguous
+    x.requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: linear(x), (x, linear.weight))
     torch.testing.assert_close(linear(x, BcosLinear.inverse_input_norm(x)), linear(x))
     torch.testing.assert_close(BcosLinear.inverse_input_norm(x), 1 / BcosLinear.input_norm(x))
