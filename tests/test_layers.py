@@ -12,6 +12,7 @@ from transformers_bcos.layers import (
     BcosLinear,
     BcosMlp,
     BcosSelfAttention,
+    SeparableMaxPool2d,
     encode_pixel_values,
 )
 
@@ -311,3 +312,23 @@ def test_fused_input_gradients_under_bf16_autocast(layer_type):
     got, want = torch.autograd.grad(y, inputs, grad), torch.autograd.grad(expected, inputs, grad)
     assert [g.dtype for g in got] == [torch.float32] * 3
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "kernel_size, stride, padding, size",
+    [(3, 2, 1, (2, 3, 9, 11)), (3, 2, 1, (2, 4, 112, 112)), (2, 2, 0, (2, 3, 8, 8)), (3, 1, 1, (1, 2, 7, 6)), (5, 3, 2, (1, 2, 13, 10))],
+)
+def test_separable_max_pool_is_max_pool2d(kernel_size, stride, padding, size):
+    torch.manual_seed(0)
+    # Rounded rectified values: windows with several maxima, where the gradient goes to the first.
+    x = torch.randn(size).relu_().mul_(2).round_()
+    native, separable = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = F.max_pool2d(native, kernel_size, stride, padding)
+    got = SeparableMaxPool2d(kernel_size, stride, padding)(separable)
+    assert torch.equal(got, expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    got.backward(grad)
+    assert torch.equal(separable.grad, native.grad)
+    with torch.no_grad():
+        assert torch.equal(SeparableMaxPool2d(kernel_size, stride, padding)(x), expected)

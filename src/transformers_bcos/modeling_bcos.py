@@ -31,6 +31,7 @@ from .layers import (
     BcosMlp,
     BcosSelfAttention,
     DetachableActivation,
+    SeparableMaxPool2d,
     encode_pixel_values,
     linear_activation,
     patch_unit_means,
@@ -267,7 +268,7 @@ class BcosResNetBackbone(nn.Module):
         backbone = config.backbone_config
         self.embedder = BcosResNetConvLayer(config, 6, backbone.embedding_size, 7, 2, backbone.hidden_act, encoded_image_input=True)
         # Max pooling is piecewise linear: the selection needs no detaching.
-        self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.pooler = SeparableMaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stages = nn.ModuleList()
         in_channels = backbone.embedding_size
         for i, (out_channels, depth) in enumerate(zip(backbone.hidden_sizes, backbone.depths)):
@@ -288,8 +289,10 @@ class BcosResNetBackbone(nn.Module):
 
     @staticmethod
     def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
-        # B-cos recipe: classify every position (a 1×1 B-cos conv), then average.
-        return classifier(features.permute(0, 2, 3, 1)).mean(dim=(1, 2))
+        # B-cos recipe: classify every position (a 1×1 B-cos conv), then average. Each position's
+        # features as one contiguous row: the product of a permuted view that needs a gradient
+        # (explain) runs as a batched matrix product, 3× slower (measured).
+        return classifier(features.permute(0, 2, 3, 1).contiguous()).mean(dim=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
