@@ -11,7 +11,7 @@ import torch
 from conftest import FAMILIES
 
 from transformers_bcos import bcosify_pretrained
-from transformers_bcos.layers import BcosConv2d, BcosLinear, BcosMlp
+from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLinear, BcosMlp
 from transformers_bcos.modeling_bcos import BcosConvNextLayer, BcosResNetConvLayer, BcosResNetShortCut
 
 
@@ -45,3 +45,33 @@ def test_no_grad_inference_matches_the_autograd_path(family, source_folders, mni
     # (ViT, DeiT, ConvNeXt) runs what follows it as its epilogue.
     fusion_sites = sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut, BcosMlp, BcosConvNextLayer)) for m in model.modules())
     assert calls["epilogue"] == fusion_sites > 0
+
+
+@pytest.mark.parametrize("b", [2.0, 1.5])  # b = 2 folds the ReLU gate into the factor; other b apply it
+def test_explanation_mode_conv_layers_as_one_factor_match_the_layer_by_layer_path(b, source_folders, mnist_images, monkeypatch):
+    """In explain(), a ResNet conv, its batch norm and its activation multiply the response by one
+    constant factor; the explanation is the one of the three layers applied one by one."""
+    model = bcosify_pretrained(source_folders["resnet"], b=b).double().eval()
+    torch.manual_seed(0)
+    for norm in model.modules():
+        if isinstance(norm, BcosBatchNorm2d):  # gains of both signs
+            norm.weight.data.uniform_(-1.0, 1.0)
+            norm.running_var.uniform_(0.5, 2.0)
+    images = mnist_images[0][:4].double()
+    graph_ends = []
+
+    def record(module, inputs, output):
+        graph_ends.append((output.grad_fn.name(), output.grad_fn.next_functions[0][0].name()))
+
+    for module in model.modules():
+        if isinstance(module, (BcosResNetConvLayer, BcosResNetShortCut)):
+            module.register_forward_hook(record)
+    one_factor = model.explain(images, target=1)
+    # Autograd sees the conv's response times one constant, whatever follows the conv.
+    assert set(graph_ends) == {("MulBackward0", "ConvolutionBackward0")}
+
+    monkeypatch.setattr(BcosBatchNorm2d, "inference_gain", lambda self: None)  # every layer on its own
+    layer_by_layer = model.explain(images, target=1)
+    assert ("MulBackward0", "ConvolutionBackward0") not in set(graph_ends[-len(graph_ends) // 2 :])
+    torch.testing.assert_close(one_factor.dynamic_linear_weights, layer_by_layer.dynamic_linear_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(one_factor.logits, layer_by_layer.logits, rtol=1e-10, atol=1e-12)

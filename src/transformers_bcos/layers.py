@@ -872,6 +872,38 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         return _SeparableMaxPool.apply(x, self.kernel_size, self.stride, self.padding)
 
 
+def conv_norm_activation(conv: BcosConv2d, norm: BcosBatchNorm2d, activation: Optional[DetachableActivation], x: torch.Tensor) -> torch.Tensor:
+    """``activation(norm(conv(x)))`` (``activation`` may be None).
+
+    A batch norm with running statistics is a per-channel gain. At inference the gain and the
+    activation run inside the conv's B-cos scale (`BcosConv2d.forward_with_epilogue`). In
+    explanation mode, with frozen norm weights (as in `explain()`), the three layers multiply the
+    conv's response by constants: B-cos factor × gain × activation gate, applied as one factor. As
+    three products autograd kept the factor, the norm's input and the activation's output, and
+    the backward pass took three passes; here it keeps one factor and takes one.
+    """
+    gain = norm.inference_gain()
+    if gain is not None and conv.can_fuse_epilogue():
+        return conv.forward_with_epilogue(x, gain, getattr(activation, "inplace_function", None))
+    layers = [conv, norm] + ([activation] if activation is not None else [])
+    weight_grad = torch.is_grad_enabled() and norm.weight.requires_grad
+    if gain is None or conv.b == 1 or weight_grad or not all(layer.explanation_mode for layer in layers):
+        out = norm(conv(x))
+        return out if activation is None else activation(out)
+    response = conv._response(x)
+    gain = gain.to(response.dtype)
+    with torch.no_grad():
+        inv_norm = conv.inverse_input_norm(x)
+        if conv.b == 2 and activation is not None and activation.name == "relu":
+            # |r|·gain·[r·gain > 0] = relu(r·sign(gain))·gain: the ReLU gate without a pass of its own.
+            factor = torch.mul(response, gain.sign()).relu_().mul_(inv_norm).mul_(gain)
+        else:
+            factor = _detached_bcos_factor(response, inv_norm, conv.b).mul_(gain)
+            if activation is not None:
+                factor.mul_(activation.detached_gate(response * factor, overwrite=True))
+    return response.mul_(factor)  # the conv keeps no output: scale in place
+
+
 def patch_unit_means(encoded_pixel_values: torch.Tensor, patch_size) -> tuple:
     """Means of (x_c + (1 - x_c)) per patch (N, T) and per image (N,).
 

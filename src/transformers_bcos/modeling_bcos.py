@@ -32,6 +32,7 @@ from .layers import (
     BcosSelfAttention,
     DetachableActivation,
     SeparableMaxPool2d,
+    conv_norm_activation,
     encode_pixel_values,
     linear_activation,
     patch_unit_means,
@@ -197,23 +198,10 @@ class BcosResNetConvLayer(nn.Module):
             **_bcos_kwargs(config),
         )
         self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
-        self.activation = DetachableActivation(activation) if activation is not None else nn.Identity()
+        self.activation = DetachableActivation(activation) if activation is not None else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        fuse = _epilogue_fusion(self.convolution, self.normalization, self.activation)
-        if fuse is not None:
-            return self.convolution.forward_with_epilogue(hidden_states, *fuse)
-        return self.activation(self.normalization(self.convolution(hidden_states)))
-
-
-def _epilogue_fusion(convolution: BcosConv2d, normalization: BcosBatchNorm2d, activation: nn.Module = None):
-    """(gain, in-place activation or None) when the batch norm (and activation) after
-    ``convolution`` can run inside it, for inference (see `BcosConv2d.forward_with_epilogue`);
-    else None."""
-    if not convolution.can_fuse_epilogue():
-        return None
-    gain = normalization.inference_gain()
-    return None if gain is None else (gain, getattr(activation, "inplace_function", None))
+        return conv_norm_activation(self.convolution, self.normalization, self.activation, hidden_states)
 
 
 class BcosResNetShortCut(nn.Module):
@@ -223,10 +211,7 @@ class BcosResNetShortCut(nn.Module):
         self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        fuse = _epilogue_fusion(self.convolution, self.normalization)
-        if fuse is not None:
-            return self.convolution.forward_with_epilogue(hidden_states, *fuse)
-        return self.normalization(self.convolution(hidden_states))
+        return conv_norm_activation(self.convolution, self.normalization, None, hidden_states)
 
 
 class BcosResNetResidualLayer(nn.Module):
