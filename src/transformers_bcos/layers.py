@@ -872,7 +872,9 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         return _SeparableMaxPool.apply(x, self.kernel_size, self.stride, self.padding)
 
 
-def conv_norm_activation(conv: BcosConv2d, norm: BcosBatchNorm2d, activation: Optional[DetachableActivation], x: torch.Tensor) -> torch.Tensor:
+def conv_norm_activation(
+    conv: BcosConv2d, norm: BcosBatchNorm2d, activation: Optional[DetachableActivation], x: torch.Tensor
+) -> torch.Tensor:
     """``activation(norm(conv(x)))`` (``activation`` may be None).
 
     A batch norm with running statistics is a per-channel gain. At inference the gain and the
