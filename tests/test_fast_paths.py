@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from transformers_bcos import bcosify_pretrained
+from transformers_bcos import bcosify_pretrained, layers
 from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLinear, BcosMlp
 from transformers_bcos.modeling_bcos import BcosConvNextLayer, BcosResNetConvLayer, BcosResNetShortCut
 
@@ -24,29 +24,31 @@ def test_no_grad_inference_matches_the_autograd_path(family, source_folders, mni
     with torch.enable_grad():
         plain = model(encoded_pixel_values=encoded.clone().requires_grad_()).logits
 
-    calls = {"folded": 0, "epilogue": 0}
-    for layer_type, method, name in (
+    calls = {"folded": 0, "epilogue": 0, "chunked": 0}
+    for owner, method, name in (
         (BcosConv2d, "_reads_encoded_image", "folded"),
         (BcosConv2d, "forward_with_epilogue", "epilogue"),
         (BcosLinear, "forward_with_epilogue", "epilogue"),
+        (layers, "_chunked_feed_forward", "chunked"),
     ):
-        original = getattr(layer_type, method)
+        original = getattr(owner, method)
 
-        def counted(self, *args, original=original, name=name):
-            result = original(self, *args)
+        def counted(*args, original=original, name=name):
+            result = original(*args)
             calls[name] += bool(result is not False)
             return result
 
-        monkeypatch.setattr(layer_type, method, counted)
+        monkeypatch.setattr(owner, method, counted)
     with torch.no_grad():
         fast = model(encoded_pixel_values=encoded).logits
 
     torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
     assert calls["folded"] == 1
-    # Every convolution followed by a batch norm (ResNet) and every MLP's first linear layer
-    # (ViT, DeiT, ConvNeXt) runs what follows it as its epilogue.
-    fusion_sites = sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut, BcosMlp, BcosConvNextLayer)) for m in model.modules())
-    assert calls["epilogue"] == fusion_sites > 0
+    # Every convolution followed by a batch norm (ResNet) runs it and its activation as its
+    # epilogue; every MLP (ViT, DeiT, ConvNeXt) runs chunk by chunk of rows.
+    assert calls["epilogue"] == sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut)) for m in model.modules())
+    assert calls["chunked"] == sum(isinstance(m, (BcosMlp, BcosConvNextLayer)) for m in model.modules())
+    assert calls["epilogue"] + calls["chunked"] > 0
 
 
 @pytest.mark.parametrize("b", [2.0, 1.5])  # b = 2 folds the ReLU gate into the factor; other b apply it
@@ -77,3 +79,28 @@ def test_explanation_mode_conv_layers_as_one_factor_match_the_layer_by_layer_pat
     assert ("MulBackward0", "ConvolutionBackward0") not in set(graph_ends[-len(graph_ends) // 2 :])
     torch.testing.assert_close(one_factor.dynamic_linear_weights, layer_by_layer.dynamic_linear_weights, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(one_factor.logits, layer_by_layer.logits, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias, normalize_weights", [(False, False), (True, True)])
+def test_mlp_in_chunks_of_rows_matches_the_layer_by_layer_mlp(bias, normalize_weights, dtype, monkeypatch):
+    """At inference an MLP runs chunk by chunk of rows (here 5 rows, the last chunk shorter)."""
+    torch.manual_seed(0)
+    mlp = BcosMlp(12, 48, "gelu", bias=bias, normalize_weights=normalize_weights).to(dtype).eval()
+    x = torch.randn(7, 3, 12, dtype=dtype).transpose(0, 1)  # 21 rows, not contiguous
+    layer_by_layer = mlp.fc2(mlp.activation(mlp.fc1(x.clone().requires_grad_()))).detach()
+
+    chunks = []
+    original = layers._chunked_feed_forward
+    monkeypatch.setattr(layers, "_FEED_FORWARD_CHUNK_ELEMENTS", 5 * 48)
+    monkeypatch.setattr(layers, "_chunked_feed_forward", lambda *args: chunks.append(args[-1].shape) or original(*args))
+    monkeypatch.setattr(layers, "_linear_into", lambda out, *args, original=layers._linear_into: chunks.append(out.shape) or original(out, *args))
+    with torch.no_grad():
+        chunked = mlp(x)
+
+    assert chunks[0] == (3, 7, 12)
+    assert chunks[1:] == [(5, 48), (5, 12)] * 4 + [(1, 48), (1, 12)]  # both products of every chunk
+    if dtype == torch.float64:
+        torch.testing.assert_close(chunked, layer_by_layer, rtol=1e-12, atol=1e-12)
+    else:  # rounded at different points: within a few bf16 steps (2^-8) of the output's scale
+        torch.testing.assert_close(chunked, layer_by_layer, rtol=0, atol=2e-2 * layer_by_layer.abs().max().item())

@@ -49,7 +49,8 @@ def _sliced(*tensors):
 
     The slicing dimension follows the memory layout (channels, or height for channels_last), so that
     a slice is a few long contiguous runs. A tensor of size 1 along it comes whole with every slice.
-    Small tensors, and traced code (the compiler fuses the passes itself), get one slice.
+    Small tensors, tensors off the CPU (the point is the CPU caches; on a GPU each slice would be a
+    kernel launch) and traced code (the compiler fuses the passes itself) get one slice.
     """
     first = tensors[0]
     if first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last):
@@ -58,7 +59,7 @@ def _sliced(*tensors):
         dim = 1 if first.dim() > 2 else 0
     size = first.shape[dim] if first.dim() else 1
     step = max(1, _SLICE_ELEMENTS * size // max(first.numel(), 1))
-    if step >= size or torch.compiler.is_compiling():
+    if step >= size or first.device.type != "cpu" or torch.compiler.is_compiling():
         yield tensors
         return
     for start in range(0, size, step):
@@ -962,6 +963,49 @@ class BcosSelfAttention(ExplainableModule):
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
 
 
+# The rows of an MLP's input are independent. At inference on CPU the MLP runs over chunks of
+# rows, so that each chunk's hidden activation (4x the model width) stays in cache from the first
+# matrix product through its scale, activation and norm into the second, instead of a whole hidden
+# tensor (38 MB for ConvNeXt-T's first stage at batch 8) streaming through memory four times.
+# 4 MiB of float32 per chunk: fastest of 1-16 MiB, measured on ConvNeXt-T (1.12x -> 1.03x the
+# standard model's inference time).
+_FEED_FORWARD_CHUNK_ELEMENTS = 1 << 20
+
+
+def feed_forward(fc1: BcosLinear, activation: DetachableActivation, fc2: BcosLinear, x: torch.Tensor) -> torch.Tensor:
+    """``fc2(activation(fc1(x)))``, the B-cos MLP over the last dimension of x; at inference on
+    CPU (both layers' `can_fuse_epilogue`, no autocast, not traced) chunk by chunk of rows."""
+    chunked = fc1.can_fuse_epilogue() and fc2.can_fuse_epilogue() and x.device.type == "cpu"
+    if not chunked or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return fc2(linear_activation(fc1, activation, x))
+    return _chunked_feed_forward(fc1, activation.inplace_function, fc2, x)
+
+
+def _chunked_feed_forward(fc1: BcosLinear, activation, fc2: BcosLinear, x: torch.Tensor) -> torch.Tensor:
+    """`feed_forward` at inference: each chunk of rows through both layers while its hidden
+    activation is in cache, into one output; one hidden buffer serves every chunk."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = x.new_empty(*x.shape[:-1], fc2.out_features)
+    out_rows = out.view(-1, fc2.out_features)
+    step = max(1, _FEED_FORWARD_CHUNK_ELEMENTS // fc1.out_features)
+    hidden_buffer = x.new_empty(min(step, rows.shape[0]), fc1.out_features)
+    weight1, weight2 = fc1._weight().t(), fc2._weight().t()
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step]
+        hidden = _linear_into(hidden_buffer[: chunk.shape[0]], chunk, weight1, fc1.bias)
+        _square_scale_in_place(hidden, fc1.inverse_input_norm(chunk), activation=activation)
+        response = _linear_into(out_rows[start : start + step], hidden, weight2, fc2.bias)
+        _square_scale_in_place(response, fc2.inverse_input_norm(hidden))
+    return out
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, transposed_weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x·Wᵀ (+ bias) for 2-D x, written into ``out``."""
+    if bias is None:
+        return torch.mm(x, transposed_weight, out=out)
+    return torch.addmm(bias, x, transposed_weight, out=out)
+
+
 class BcosMlp(nn.Module):
     """B-cos linear -> detachable activation -> B-cos linear (a transformer MLP)."""
 
@@ -972,4 +1016,4 @@ class BcosMlp(nn.Module):
         self.fc2 = BcosLinear(hidden_features, in_features, bias, b, normalize_weights)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_activation(self.fc1, self.activation, hidden_states))
+        return feed_forward(self.fc1, self.activation, self.fc2, hidden_states)

@@ -34,7 +34,7 @@ from .layers import (
     SeparableMaxPool2d,
     conv_norm_activation,
     encode_pixel_values,
-    linear_activation,
+    feed_forward,
     patch_unit_means,
 )
 
@@ -301,7 +301,7 @@ class BcosConvNextLayer(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         residual = features
         features = self.layernorm(self.dwconv(features).permute(0, 2, 3, 1))
-        features = self.pwconv2(linear_activation(self.pwconv1, self.activation, features))
+        features = feed_forward(self.pwconv1, self.activation, self.pwconv2, features)
         if self.layer_scale_parameter is not None:
             features = self.layer_scale_parameter * features
         return residual + self.drop_path(features.permute(0, 3, 1, 2))
