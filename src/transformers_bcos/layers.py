@@ -974,9 +974,10 @@ _FEED_FORWARD_CHUNK_ELEMENTS = 1 << 20
 
 def feed_forward(fc1: BcosLinear, activation: DetachableActivation, fc2: BcosLinear, x: torch.Tensor) -> torch.Tensor:
     """``fc2(activation(fc1(x)))``, the B-cos MLP over the last dimension of x; at inference on
-    CPU (both layers' `can_fuse_epilogue`, no autocast, not traced) chunk by chunk of rows."""
+    CPU (both layers' `can_fuse_epilogue`, no autocast) chunk by chunk of rows. Traced by
+    torch.compile too: inductor fuses each chunk's element-wise passes but does not chunk."""
     chunked = fc1.can_fuse_epilogue() and fc2.can_fuse_epilogue() and x.device.type == "cpu"
-    if not chunked or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if not chunked or torch.is_autocast_enabled("cpu"):
         return fc2(linear_activation(fc1, activation, x))
     return _chunked_feed_forward(fc1, activation.inplace_function, fc2, x)
 
