@@ -129,6 +129,18 @@ def test_sliced_passes_match_the_whole_tensor_ones(geometry, channels_last, monk
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_passes_are_sliced_only_for_cpu_tensors(monkeypatch):
+    """Slicing keeps a pass in the CPU caches; on another device each slice would be a kernel
+    launch, so there the pass runs over the whole tensor (the meta device stands in for a GPU)."""
+    from transformers_bcos import layers
+
+    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 64)
+    on_cpu = [parts[0].shape for parts in layers._sliced(torch.empty(2, 8, 16, 16))]
+    on_meta = [parts[0].shape for parts in layers._sliced(torch.empty(2, 8, 16, 16, device="meta"))]
+    assert on_cpu == [(2, 1, 16, 16)] * 8
+    assert on_meta == [(2, 8, 16, 16)]
+
+
 @pytest.mark.parametrize("channels_first", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_explanation_mode_layer_norm_is_the_definition_with_its_std_detached(channels_first, bias):
