@@ -967,8 +967,8 @@ class BcosSelfAttention(ExplainableModule):
 # rows, so that each chunk's hidden activation (4x the model width) stays in cache from the first
 # matrix product through its scale, activation and norm into the second, instead of a whole hidden
 # tensor (38 MB for ConvNeXt-T's first stage at batch 8) streaming through memory four times.
-# 4 MiB of float32 per chunk: fastest of 1-16 MiB, measured on ConvNeXt-T (1.12x -> 1.03x the
-# standard model's inference time).
+# 4 MiB of float32 per chunk: fastest of 1-16 MiB, measured on ConvNeXt-T (inference at batch 8:
+# 999 -> 938 ms, BENCHMARKS.md).
 _FEED_FORWARD_CHUNK_ELEMENTS = 1 << 20
 
 
