@@ -1,8 +1,8 @@
 """Fast paths give the plain paths' results.
 
 Under ``no_grad`` a model's first convolution folds the encoded image (half the input channels),
-ResNet convolutions apply their batch norm and activation inside the B-cos scale, and MLP linear
-layers their activation. With the input needing a gradient none of these applies: the two runs
+ResNet convolutions apply their batch norm and activation inside the B-cos scale, and MLPs run
+chunk by chunk of rows. With the input needing a gradient none of these applies: the two runs
 compare the fast paths against the plain ones, on every family. In explanation mode a ResNet
 convolution, batch norm and activation multiply by one constant factor: compared against the
 three layers applied one by one.
