@@ -42,7 +42,7 @@ def parse_args():
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype on GPU")
-    parser.add_argument("--sections", default="layers,models,compiled,explain,memory,conversion")
+    parser.add_argument("--sections", default="layers,models,compiled,compiled_regions,explain,memory,conversion")
     parser.add_argument("--models", default="resnet50,convnext_tiny,vit_small")
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--json", default="benchmarks/results.json")
@@ -231,24 +231,37 @@ def in_fresh_process(section: str, name: str, args) -> dict:
 
 
 ROW_PROBES = {
-    "models": lambda name, args: _model_row(name, args, compiled=False),
-    "compiled": lambda name, args: _model_row(name, args, compiled=True),
+    "models": lambda name, args: _model_row(name, args, compilation=None),
+    "compiled": lambda name, args: _model_row(name, args, compilation="whole"),
+    "compiled_regions": lambda name, args: _model_row(name, args, compilation="regions"),
     "explain": lambda name, args: _explain_row(name, args),
 }
 
 
-def bench_models(args, compiled: bool = False) -> list:
-    """Inference and training step of each model pair; ``compiled``: both models under
-    ``torch.compile`` (inductor, default mode; the warm-up call compiles and is not timed)."""
-    return [in_fresh_process("compiled" if compiled else "models", name, args) for name in args.models.split(",")]
+def bench_models(args, section: str = "models") -> list:
+    """Inference and training step of each model pair, eager or compiled (`_model_row`)."""
+    return [in_fresh_process(section, name, args) for name in args.models.split(",")]
 
 
-def _model_row(name: str, args, compiled: bool) -> dict:
+def _model_row(name: str, args, compilation) -> dict:
+    """One model pair's inference and training step. ``compilation``: None (eager), "whole"
+    (``torch.compile`` of each model) or "regions" (accelerate's regional compilation, as
+    ``accelerate launch --dynamo_use_regional_compilation`` does: each stage or layer of a
+    repeated block list compiled on its own). Inductor, default mode; the warm-up calls compile
+    and are not timed."""
     import torch
 
     standard, bcos = model_pair(name, args)
-    if compiled:
+    if compilation == "whole":
         standard, bcos = torch.compile(standard), torch.compile(bcos)
+    elif compilation == "regions":
+        from accelerate.utils import compile_regions
+
+        # The stages share one forward code object at four shapes, each in training and in
+        # inference: static shapes (dynamo's automatic dynamic shapes failed in inductor on the
+        # standard ConvNeXt) and room for one compiled entry per stage and mode.
+        torch._dynamo.config.recompile_limit = 64
+        standard, bcos = compile_regions(standard, dynamic=False), compile_regions(bcos, dynamic=False)
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
     labels = torch.randint(0, 1000, (args.batch,), device=args.device)
     standard.eval(), bcos.eval()
@@ -261,7 +274,7 @@ def _model_row(name: str, args, compiled: bool) -> dict:
         return run
 
     # Compiled code may compile again on its second call (guards specialise after the first).
-    warmups = 2 if compiled else 1
+    warmups = 2 if compilation else 1
     inference = interleaved({"standard": infer(standard), "bcos": infer(bcos)}, args.repeats, args.device, warmups)
     standard.train(), bcos.train()
     optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in (("standard", standard), ("bcos", bcos))}
@@ -493,7 +506,8 @@ def main():
     sections = {
         "layers": bench_layers,
         "models": bench_models,
-        "compiled": lambda args: bench_models(args, compiled=True),
+        "compiled": lambda args: bench_models(args, "compiled"),
+        "compiled_regions": lambda args: bench_models(args, "compiled_regions"),
         "explain": bench_explain,
         "memory": bench_memory,
         "conversion": bench_conversion,

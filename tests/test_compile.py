@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FAMILIES, NUM_LABELS, character_tokenizer, clip_image_processor, tiny_clip
 
-from transformers_bcos import bcosify_pretrained
+from transformers_bcos import bcosify_pretrained, layers
 from transformers_bcos.conversion.clip import bcosify_clip
 
 BACKEND = "aot_eager"
@@ -82,6 +82,37 @@ def test_training_step_compiles_in_one_graph_and_matches_eager(family, models, p
     finally:
         model.zero_grad(set_to_none=True)
         model.load_state_dict(state)
+        model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("training", [False, True])
+def test_a_compiled_model_takes_any_batch_size_after_one_recompilation(family, training, models, monkeypatch):
+    """A new batch size recompiles once with a dynamic batch (dynamo's automatic dynamic shapes);
+    no code path may then guard on the batch size (a finetuning run's smaller last batch, varying
+    inference batches), else each size compiles again, until dynamo gives up and runs eager.
+    Small slices and MLP chunks make the CPU paths split their tensors, as at full size."""
+    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 64)
+    monkeypatch.setattr(layers, "_FEED_FORWARD_CHUNK_ELEMENTS", 256)
+    model = models[family].train(training)
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+
+    def step(batch_size):
+        pixels = torch.rand(batch_size, 3, 32, 32)
+        if training:
+            compiled(pixel_values=pixels, labels=torch.arange(batch_size) % NUM_LABELS).loss.backward()
+        else:
+            compiled(pixel_values=pixels)
+
+    try:
+        with torch.set_grad_enabled(training):
+            step(4)
+            step(3)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for batch_size in (2, 5, 8):
+                    step(batch_size)
+    finally:
+        model.zero_grad(set_to_none=True)
         model.eval()
 
 

@@ -24,11 +24,11 @@ def test_no_grad_inference_matches_the_autograd_path(family, source_folders, mni
     with torch.enable_grad():
         plain = model(encoded_pixel_values=encoded.clone().requires_grad_()).logits
 
-    calls = {"folded": 0, "epilogue": 0, "chunked": 0}
+    calls = {"folded": 0, "conv epilogue": 0, "conv epilogue with gain": 0, "linear epilogue": 0, "chunked": 0}
     for owner, method, name in (
         (BcosConv2d, "_reads_encoded_image", "folded"),
-        (BcosConv2d, "forward_with_epilogue", "epilogue"),
-        (BcosLinear, "forward_with_epilogue", "epilogue"),
+        (BcosConv2d, "forward_with_epilogue", "conv epilogue"),
+        (BcosLinear, "forward_with_epilogue", "linear epilogue"),
         (layers, "_chunked_feed_forward", "chunked"),
     ):
         original = getattr(owner, method)
@@ -36,6 +36,8 @@ def test_no_grad_inference_matches_the_autograd_path(family, source_folders, mni
         def counted(*args, original=original, name=name):
             result = original(*args)
             calls[name] += bool(result is not False)
+            if name == "conv epilogue" and len(args) > 2 and args[2] is not None:
+                calls["conv epilogue with gain"] += 1
             return result
 
         monkeypatch.setattr(owner, method, counted)
@@ -44,11 +46,13 @@ def test_no_grad_inference_matches_the_autograd_path(family, source_folders, mni
 
     torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
     assert calls["folded"] == 1
-    # Every convolution followed by a batch norm (ResNet) runs it and its activation as its
-    # epilogue; every MLP (ViT, DeiT, ConvNeXt) runs chunk by chunk of rows.
-    assert calls["epilogue"] == sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut)) for m in model.modules())
+    # Every convolution runs its B-cos scale as an epilogue, those followed by a batch norm
+    # (ResNet) with the norm and the activation inside; every MLP (ViT, DeiT, ConvNeXt) runs
+    # chunk by chunk of rows, and no linear layer falls back to its own epilogue.
+    assert calls["conv epilogue"] == sum(isinstance(m, BcosConv2d) for m in model.modules()) > 0
+    assert calls["conv epilogue with gain"] == sum(isinstance(m, (BcosResNetConvLayer, BcosResNetShortCut)) for m in model.modules())
     assert calls["chunked"] == sum(isinstance(m, (BcosMlp, BcosConvNextLayer)) for m in model.modules())
-    assert calls["epilogue"] + calls["chunked"] > 0
+    assert calls["linear epilogue"] == 0
 
 
 @pytest.mark.parametrize("b", [2.0, 1.5])  # b = 2 folds the ReLU gate into the factor; other b apply it
