@@ -82,8 +82,8 @@ def _square_scale_in_place(
     ``from_squares``: ``inv_norm`` holds the sums of squares instead, a fresh tensor that this
     overwrites. A depthwise layer's norms have the shape of out: each slice of them is inverted
     in cache (inverting the whole tensor first took two passes over memory) and becomes the factor
-    |out|·inv_norm in place, with no temporary for |out|. ConvNeXt-T's first-stage depthwise layer
-    at inference: 11.5 -> 10.7 ms (batch 8, CPU, measured).
+    |out|·inv_norm in place, with no temporary for |out|. ConvNeXt-T's depthwise layers at
+    inference (batch 8, CPU, measured): 11.3 -> 11.0 ms at stage 1, 2.24 -> 1.92 ms at stage 3.
     """
     if from_squares and inv_norm.shape != out.shape:
         inv_norm, from_squares = _inverse_norm(inv_norm), False
