@@ -132,7 +132,7 @@ def clip_model(tmp_path_factory):
     return bcosify_clip(tiny_clip(tokenizer), image_processor=clip_image_processor(), tokenizer=tokenizer).eval()
 
 
-def test_clip_image_tower_compiles_in_one_graph_and_explains_exactly(clip_model, pixels, monkeypatch):
+def test_clip_image_tower_compiles_in_one_graph_and_explains_exactly(clip_model, pixels):
     images = pixels[:3]
     compiled = torch.compile(clip_model.get_image_features, fullgraph=True, backend=BACKEND)
     with torch.no_grad():
@@ -141,10 +141,27 @@ def test_clip_image_tower_compiles_in_one_graph_and_explains_exactly(clip_model,
 
     texts = ["a cat", "a red car"]
     expected = clip_model.explain(images, text=texts)
-    monkeypatch.setattr(clip_model, "vision_model", torch.compile(clip_model.vision_model, fullgraph=True, backend=BACKEND))
-    explanation = clip_model.explain(images, text=texts)
+    # Not monkeypatch: it would delete a submodule on undo (nn.Module keeps them outside __dict__).
+    vision_model = clip_model.vision_model
+    clip_model.vision_model = torch.compile(vision_model, fullgraph=True, backend=BACKEND)
+    try:
+        explanation = clip_model.explain(images, text=texts)
+    finally:
+        clip_model.vision_model = vision_model
     torch.testing.assert_close(explanation.dynamic_linear_weights, expected.dynamic_linear_weights, rtol=1e-5, atol=1e-8)
     assert completeness_error(explanation) <= 1e-5
+
+
+def test_compiled_clip_image_tower_takes_any_batch_size_after_one_recompilation(clip_model, monkeypatch):
+    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 64)
+    monkeypatch.setattr(layers, "_FEED_FORWARD_CHUNK_ELEMENTS", 256)
+    compiled = torch.compile(clip_model.get_image_features, fullgraph=True, backend=BACKEND)
+    with torch.no_grad():
+        compiled(pixel_values=torch.rand(4, 3, 32, 32))
+        compiled(pixel_values=torch.rand(3, 3, 32, 32))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch_size in (2, 5, 8):
+                assert compiled(pixel_values=torch.rand(batch_size, 3, 32, 32)).pooler_output.shape[0] == batch_size
 
 
 # ------------------------------------------------------------------------------ channels_last
