@@ -257,9 +257,10 @@ def _model_row(name: str, args, compilation) -> dict:
     elif compilation == "regions":
         from accelerate.utils import compile_regions
 
-        # The stages share one forward code object at four shapes, each in training and in
-        # inference: static shapes (dynamo's automatic dynamic shapes failed in inductor on the
-        # standard ConvNeXt) and room for one compiled entry per stage and mode.
+        # Static shapes, as `accelerate launch` sets them (with automatic dynamic shapes inductor
+        # fails on the second ConvNeXt stage, standard and B-cos alike: pytorch/pytorch#185510).
+        # The stages share one forward at four shapes, each in training and in inference: room
+        # for one compiled entry per stage and mode.
         torch._dynamo.config.recompile_limit = 64
         standard, bcos = compile_regions(standard, dynamic=False), compile_regions(bcos, dynamic=False)
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=args.device)
