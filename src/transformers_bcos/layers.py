@@ -492,7 +492,7 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         if self.b != 1 and self._fuses_input_gradients(x):
             out, squares = _ResponseAndSumOfSquares.apply(x, self._weight(), self.bias, (self.stride, self.padding, self.dilation))
             return _bcos_scale(out, _inverse_norm(self._receptive_field_sum(squares)), self.b, False, overwrite=True)
-        if self.b != 1 and self.can_fuse_epilogue():
+        if self.can_fuse_epilogue():  # inference (b = 2)
             return self.forward_with_epilogue(x)
         out = self._response(x)
         if self.b == 1:
