@@ -204,6 +204,8 @@ def _sum_of_squares(x: torch.Tensor, dim: int) -> torch.Tensor:
     Sums accumulate in at least float32, so bf16 inputs lose nothing to slicing.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if torch.compiler.is_compiling():  # one reduction the compiler fuses (a norm would add sqrt, square)
+        return x.square().sum(dim, keepdim=True, dtype=dtype)
     if dim == -1:  # the contiguous last dim: vector_norm reduces it in one fused pass
         return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_()
     # Channels of NCHW: pow + sum, slice by slice (vector_norm(dim=1) reduces across the strided
