@@ -1,6 +1,7 @@
 """Shared fixtures: offline Hugging Face, tiny real transformers models (classifiers and CLIP),
 real MNIST digits, and the two-process `accelerate launch` command."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -216,6 +217,14 @@ def launch_command(script: str, *args) -> list:
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         script, *args,
     ]  # fmt: skip
+
+
+def load_example_script(name: str):
+    """examples/<name>.py as a module, to call its main() in this process (no launch cost)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(REPO, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ The tiny CLIP is freshly initialised (not perturbed): it embeds differently colo
 as a trained CLIP does, which is what distillation needs to show progress.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from conftest import (
     character_tokenizer,
     clip_image_processor,
     launch_command,
+    load_example_script,
     run,
     tiny_clip,
 )
@@ -190,11 +190,7 @@ def test_resumed_mid_epoch_run_ends_with_the_same_weights(straight_run, tmp_path
 
 @pytest.fixture(scope="module")
 def clip_script():
-    """examples/bcosify_clip.py as a module, to call its main() in this process (no launch cost)."""
-    spec = importlib.util.spec_from_file_location("bcosify_clip_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example_script("bcosify_clip")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Each launched process gets OMP_NUM_THREADS=1: two processes share the machine's 
 oversubscribed CPU run was measured ~40x slower.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-from conftest import REPO, launch_command, run, run_without_package
+from conftest import REPO, launch_command, load_example_script, run, run_without_package
 
 FINETUNE = os.path.join(REPO, "examples", "finetune.py")
 
@@ -323,11 +322,7 @@ def test_ci_sized_run_learns_and_produces_a_hub_ready_folder(tmp_path, launch_en
 
 @pytest.fixture(scope="module")
 def finetune_script():
-    """examples/finetune.py as a module, to call its main() in this process (no launch cost)."""
-    spec = importlib.util.spec_from_file_location("finetune_script", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example_script("finetune")
 
 
 @pytest.mark.parametrize(
