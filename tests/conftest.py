@@ -121,6 +121,11 @@ BLOCK_PACKAGE = textwrap.dedent(
             if name == "transformers_bcos" or name.startswith("transformers_bcos."):
                 raise ImportError("transformers_bcos is deliberately not importable here")
     sys.meta_path.insert(0, _BlockTransformersBcos())
+    try:
+        import transformers_bcos
+        raise SystemExit("transformers_bcos must not be importable here")
+    except ImportError:
+        pass
     """
 )
 
