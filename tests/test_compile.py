@@ -85,15 +85,29 @@ def test_training_step_compiles_in_one_graph_and_matches_eager(family, models, p
         model.eval()
 
 
+def split_like_full_size(monkeypatch):
+    """Small slices and MLP chunks: the CPU paths split tiny tensors as they split full-size ones."""
+    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 64)
+    monkeypatch.setattr(layers, "_FEED_FORWARD_CHUNK_ELEMENTS", 256)
+
+
+def run_batch_sizes_after_one_recompilation(step):
+    """``step(batch_size)`` at batches 4 and 3 (the second recompiles with a dynamic batch), then
+    at 2, 5 and 8, where any further recompilation raises."""
+    step(4)
+    step(3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch_size in (2, 5, 8):
+            step(batch_size)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("training", [False, True])
 def test_a_compiled_model_takes_any_batch_size_after_one_recompilation(family, training, models, monkeypatch):
     """A new batch size recompiles once with a dynamic batch (dynamo's automatic dynamic shapes);
     no code path may then guard on the batch size (a finetuning run's smaller last batch, varying
-    inference batches), else each size compiles again, until dynamo gives up and runs eager.
-    Small slices and MLP chunks make the CPU paths split their tensors, as at full size."""
-    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 64)
-    monkeypatch.setattr(layers, "_FEED_FORWARD_CHUNK_ELEMENTS", 256)
+    inference batches), else each size compiles again, until dynamo gives up and runs eager."""
+    split_like_full_size(monkeypatch)
     model = models[family].train(training)
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
 
@@ -106,11 +120,7 @@ def test_a_compiled_model_takes_any_batch_size_after_one_recompilation(family, t
 
     try:
         with torch.set_grad_enabled(training):
-            step(4)
-            step(3)
-            with torch._dynamo.config.patch(error_on_recompile=True):
-                for batch_size in (2, 5, 8):
-                    step(batch_size)
+            run_batch_sizes_after_one_recompilation(step)
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
@@ -153,15 +163,14 @@ def test_clip_image_tower_compiles_in_one_graph_and_explains_exactly(clip_model,
 
 
 def test_compiled_clip_image_tower_takes_any_batch_size_after_one_recompilation(clip_model, monkeypatch):
-    monkeypatch.setattr(layers, "_SLICE_ELEMENTS", 64)
-    monkeypatch.setattr(layers, "_FEED_FORWARD_CHUNK_ELEMENTS", 256)
+    split_like_full_size(monkeypatch)
     compiled = torch.compile(clip_model.get_image_features, fullgraph=True, backend=BACKEND)
+
+    def step(batch_size):
+        assert compiled(pixel_values=torch.rand(batch_size, 3, 32, 32)).pooler_output.shape[0] == batch_size
+
     with torch.no_grad():
-        compiled(pixel_values=torch.rand(4, 3, 32, 32))
-        compiled(pixel_values=torch.rand(3, 3, 32, 32))
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for batch_size in (2, 5, 8):
-                assert compiled(pixel_values=torch.rand(batch_size, 3, 32, 32)).pooler_output.shape[0] == batch_size
+        run_batch_sizes_after_one_recompilation(step)
 
 
 # ------------------------------------------------------------------------------ channels_last
