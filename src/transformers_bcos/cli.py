@@ -122,14 +122,12 @@ def read_image(path: str):
     """The image at ``path`` as 8-bit RGB, or a CLIError naming why it cannot be read."""
     from PIL import Image
 
-    from .data import to_rgb
+    from .pipeline_bcos import load_rgb_image
 
     if not os.path.isfile(path):
         raise CLIError(f"image {path} not found.")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        return load_rgb_image(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CLIError(f"cannot read image {path}: {first_line(error)}") from error
 

@@ -6,7 +6,7 @@
   written by ``save_to_disk``), or the embedded default; finds the image and label columns and
   fails with a one-line message naming the problem before any training work starts.
 * `ImageClassificationDataset` + `ImageProcessorCollator`: RGB conversion of every image (mixed
-  L/RGBA/CMYK/P modes), optional train-time augmentation (random resized crop + horizontal flip,
+  L/RGBA/CMYK/P/16-bit/float modes, EXIF orientation; `pipeline_bcos.to_rgb`), optional train-time augmentation (random resized crop + horizontal flip,
   with PIL), and the model's saved image processor applied per batch.
 """
 
@@ -24,6 +24,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, l
 from PIL import Image as PILImage
 
 from ._compat import AutoImageProcessor
+from .pipeline_bcos import to_rgb  # the one image loader of the CLI, the pipeline and training
 
 # The embedded data sets, addressed as "embedded:<name>" on the command line so that they never
 # shadow a Hub dataset of the same name (e.g. the Hub's "mnist").
@@ -272,19 +273,6 @@ def load_image_classification_data(
 # ----------------------------------------------------------------------------------------------
 # Images -> model inputs
 # ----------------------------------------------------------------------------------------------
-
-
-def to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """Any PIL image as 8-bit RGB: L, LA, 1, P (with or without transparency), RGBA, CMYK, I;16."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I;16"):
-        # PIL clips 16-bit values at 255 when converting; rescale to the 8-bit range instead.
-        array = np.asarray(image, dtype=np.uint16) >> 8
-        return PILImage.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL warns when a palette image with transparency skips RGBA
-    return image.convert("RGB")
 
 
 def random_resized_crop(

@@ -381,11 +381,81 @@ BACKBONES = {"vit": BcosViTBackbone, "resnet": BcosResNetBackbone, "convnext": B
 # ----------------------------------------------------------------------------------------------
 
 
+class CheckpointWeightsError(ValueError):
+    """A B-cos checkpoint whose weights do not fit the model its config describes."""
+
+
+def _listed(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _check_weight_files(folder: str) -> None:
+    """Raise an OSError naming a local checkpoint's unreadable (truncated, empty) safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise OSError(f"{os.path.join(folder, name)} cannot be read (truncated or corrupt?): {error}") from None
+
+
 class BcosPreTrainedModel(PreTrainedModel):
     config_class = BcosConfig
     base_model_prefix = "backbone"
     main_input_name = "pixel_values"
     _no_split_modules = ["BcosViTLayer", "BcosResNetResidualLayer", "BcosConvNextLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load as transformers does, but refuse a checkpoint whose weights do not fit the model.
+
+        transformers fills missing weights with fresh random values and drops unexpected ones,
+        with a log message; for a B-cos checkpoint that is a silently different model (a renamed
+        key, a half-written file, a config naming another backbone). So missing or unexpected
+        weights raise a `CheckpointWeightsError` naming them, and so do weights of another shape
+        unless ``ignore_mismatched_sizes=True`` asks for them to be replaced; an unreadable weight
+        file or a pickle that ``torch.load(weights_only=True)`` refuses raises an OSError naming it.
+        """
+        import pickle
+
+        from safetensors import SafetensorError
+
+        location = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(location):
+            if kwargs.get("config") is None and not os.path.isfile(os.path.join(location, "config.json")):
+                raise OSError(f"{location} is not a saved model folder: it has no config.json.")
+            _check_weight_files(location)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(f"The weights of {location} cannot be read (truncated or corrupt?): {error}") from None
+        except pickle.UnpicklingError as error:
+            raise OSError(
+                f"The pickled weights of {location} were refused (torch.load with weights_only=True; only safetensors "
+                f"weights are safe to load): {str(error).splitlines()[0]}"
+            ) from None
+        problems = []
+        if loading_info["missing_keys"]:
+            problems.append(f"missing {_listed(loading_info['missing_keys'])}")
+        if loading_info["unexpected_keys"]:
+            problems.append(f"unexpected {_listed(loading_info['unexpected_keys'])}")
+        if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
+            shapes = {f"{key} {tuple(saved)} (model: {tuple(expected)})" for key, saved, expected in loading_info["mismatched_keys"]}
+            problems.append(f"of another shape {_listed(shapes)} (pass ignore_mismatched_sizes=True to replace them)")
+        if problems:
+            raise CheckpointWeightsError(
+                f"The weights of {location} do not fit its config ({type(model).__name__}, "
+                f"{getattr(model.config, 'backbone_family', model.config.model_type)}): " + "; ".join(problems) + "."
+            )
+        return (model, loading_info) if wants_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -428,17 +498,49 @@ def check_pixel_values(pixel_values, channels: int = 3, image_size=None, check_r
         raise TypeError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {pixel_values.dtype}.")
     if image_size is not None and tuple(pixel_values.shape[-2:]) != tuple(image_size):
         raise ValueError(f"This model takes images of size {tuple(image_size)}, got {tuple(pixel_values.shape[-2:])}.")
-    if torch.compiler.is_compiling() or pixel_values.numel() == 0:
+    if pixel_values.numel() == 0:
+        raise ValueError(f"{name} holds no pixels (shape {tuple(pixel_values.shape)}): pass at least one non-empty image.")
+    if torch.compiler.is_compiling():
         return
     if not torch.isfinite(pixel_values).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
-    if check_range:
-        low, high = torch.aminmax(pixel_values)
-        if low < -PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+    low, high = torch.aminmax(pixel_values)
+    if check_range and (low < -PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE):
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{low.item():.3g}, {high.item():.3g}]. B-cos models take "
+            "unnormalised pixels: use the model's image processor (do_normalize=False)."
+        )
+    # The encoding [x, 1 - x] of pixels in [0, 1] (or a positive multiple of it: the models are
+    # homogeneous) is never negative; negative values mean normalised pixels were encoded.
+    if not check_range and low < -PIXEL_RANGE_TOLERANCE:
+        raise ValueError(
+            f"{name} must be non-negative (the encoding [x, 1 - x] of pixels x in [0, 1]), got a minimum of "
+            f"{low.item():.3g}: pass unnormalised pixel_values, or encode them with model.encode_inputs."
+        )
+
+
+def check_labels(labels, batch_size: int, num_labels: int) -> None:
+    """Raise a ValueError/TypeError that names the problem with ``labels``, if any."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices (N,) or target probabilities (N, C), got {type(labels).__name__}.")
+    if labels.dim() == 1 and not labels.is_floating_point() and labels.dtype != torch.bool:
+        if labels.shape[0] != batch_size:
+            raise ValueError(f"labels holds {labels.shape[0]} class indices for a batch of {batch_size} images.")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
             raise ValueError(
-                f"{name} must lie in [0, 1], got values in [{low.item():.3g}, {high.item():.3g}]. B-cos models take "
-                "unnormalised pixels: use the model's image processor (do_normalize=False)."
+                f"labels holds class indices in [{labels.min().item()}, {labels.max().item()}]; this model has "
+                f"{num_labels} classes (0..{num_labels - 1})."
             )
+    elif labels.dim() == 2 and labels.is_floating_point():
+        if tuple(labels.shape) != (batch_size, num_labels):
+            raise ValueError(f"labels of target probabilities must have shape ({batch_size}, {num_labels}), got {tuple(labels.shape)}.")
+        if not torch.isfinite(labels).all() or labels.min() < 0 or labels.max() > 1:
+            raise ValueError("labels of target probabilities must lie in [0, 1].")
+    else:
+        raise ValueError(
+            f"labels must be integer class indices of shape ({batch_size},) or float target probabilities of shape "
+            f"({batch_size}, {num_labels}), got dtype {labels.dtype} and shape {tuple(labels.shape)}."
+        )
 
 
 class BcosForImageClassification(BcosPreTrainedModel):
@@ -500,7 +602,11 @@ class BcosForImageClassification(BcosPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         features, hidden_states = self.backbone(x.to(self.classifier.weight.dtype), output_hidden_states)
         logits = self.backbone.pool(features, self.classifier) + self.config.logit_bias
-        loss = bcos_bce_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            if not torch.compiler.is_compiling():
+                check_labels(labels, logits.shape[0], self.config.num_labels)
+            loss = bcos_bce_loss(logits, labels)
         if not return_dict:
             output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output

@@ -9,10 +9,17 @@ top prediction, or ``target=``: a class index or label name), the RGBA ``explana
 (PIL, the B-cos reference rendering at the model's input resolution), the per-pixel
 ``contributions`` and the ``completeness_error`` |Σ contributions − explained output|.
 
+The image loader here, `load_rgb_image` / `to_rgb`, is the one the command line and the training
+data use too, so that all three see the same pixels: the EXIF orientation applied, and 16-bit,
+32-bit integer and float images scaled to 8 bits instead of clipped (PIL's own ``convert("RGB")``
+turns a float image in [0, 1] black and a 16-bit one white).
+
 This file travels with saved checkpoints (``trust_remote_code``; the model's ``config.json``
 names it in ``custom_pipelines``): it imports torch, transformers and the standard library at
 module level, Pillow and numpy (which transformers' vision pipelines need anyway) inside functions.
 """
+
+import os
 
 import torch
 from transformers import Pipeline
@@ -28,6 +35,67 @@ CUSTOM_PIPELINES = {
         "type": "image",
     }
 }
+
+
+def to_rgb(image):
+    """A PIL image as upright 8-bit RGB, whatever its mode.
+
+    The EXIF orientation is applied. 16-bit images (I;16*, and mode I holding values up to
+    65535, as PIL opens 16-bit PNGs) are scaled by 1/256 and wider integer images by their
+    type's range; float images (F) in [0, 1] are scaled by 255, others clipped to [0, 255].
+    L, LA, 1, P (with or without transparency), RGBA, CMYK: PIL's conversion (alpha dropped).
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if min(image.size) == 0:
+        raise ValueError(f"The image has no pixels (size {image.size[0]}x{image.size[1]}).")
+    if image.getexif().get(Image.ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "F" or image.mode.startswith("I"):
+        values = np.asarray(image)
+        if image.mode == "F":
+            values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+            scale = 255.0 if values.size and values.min() >= 0 and values.max() <= 1 else 1.0
+        elif image.mode.startswith("I;16") or values.max() <= 65535:
+            scale = 1 / 256 if image.mode.startswith("I;16") or values.max() > 255 else 1.0
+        else:
+            scale = 256 / 2**32  # 32-bit integers: the top byte
+        grey = np.clip(np.round(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a palette image with transparency skips RGBA
+    return image.convert("RGB")
+
+
+def load_rgb_image(image, timeout=None):
+    """A PIL image, a local path or an http(s) URL (or what transformers' ``load_image`` reads) as
+    upright 8-bit RGB (`to_rgb`). An unreadable file raises the OSError (or ValueError) of PIL."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if os.path.isfile(path):
+            with Image.open(path) as opened:
+                opened.load()
+                return to_rgb(opened)
+        if path.startswith(("http://", "https://")):
+            import io
+            import urllib.request
+
+            with urllib.request.urlopen(path, timeout=timeout) as response:
+                content = response.read()
+            with Image.open(io.BytesIO(content)) as opened:
+                opened.load()
+                return to_rgb(opened)
+        from transformers.image_utils import load_image  # base64 data; raises for anything else
+
+        return load_image(path, timeout=timeout)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Expected a PIL image, a path or a URL, got {type(image).__name__}.")
+    return to_rgb(image)
 
 
 class ImageExplanationPipeline(Pipeline):
@@ -76,10 +144,13 @@ class ImageExplanationPipeline(Pipeline):
             postprocess_params["top_k"] = top_k
         return preprocess_params, forward_params, postprocess_params
 
-    def preprocess(self, image, timeout=None):
-        from transformers.image_utils import load_image
+    def __call__(self, images, **kwargs):
+        if isinstance(images, (list, tuple)) and not images:
+            raise ValueError("No images given: pass a PIL image, a path or URL, or a non-empty list of them.")
+        return super().__call__(images, **kwargs)
 
-        image = load_image(image, timeout=timeout)
+    def preprocess(self, image, timeout=None):
+        image = load_rgb_image(image, timeout=timeout)
         return self.image_processor(images=image, return_tensors="pt").to(self.dtype)
 
     def _forward(self, model_inputs, target=None):
