@@ -19,6 +19,7 @@ from transformers_bcos.data import DatasetError
 from transformers_bcos.training import ClipDistillationOptions, OptionsError, run_clip_distillation
 from transformers_bcos.training.arguments import add_data_arguments, add_output_arguments, add_recipe_arguments
 from transformers_bcos.training.checkpointing import CheckpointError
+from transformers_bcos.training.run import TrainingDivergedError
 
 DEFAULTS = ClipDistillationOptions()
 
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     except (OptionsError, DatasetError, CheckpointError) as error:
         print(f"bcosify_clip.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as error:
+        print(f"bcosify_clip.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

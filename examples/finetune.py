@@ -21,6 +21,7 @@ from transformers_bcos.data import DatasetError
 from transformers_bcos.training import FinetuneOptions, OptionsError, run_finetuning
 from transformers_bcos.training.arguments import add_data_arguments, add_output_arguments, add_recipe_arguments
 from transformers_bcos.training.checkpointing import CheckpointError
+from transformers_bcos.training.run import TrainingDivergedError
 from transformers_bcos.training.finetune import DEFAULT_MODEL
 
 DEFAULTS = FinetuneOptions()
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     except (OptionsError, DatasetError, CheckpointError) as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as error:
+        print(f"finetune.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,7 @@
 """The ``transformers-bcos`` command: convert, explain, evaluate and publish B-cos models.
 
     transformers-bcos convert SRC OUT [--b 2] [--keep-bias] [--overwrite]
-    transformers-bcos explain MODEL IMAGE... [--target LABEL|INDEX] [--text PROMPT...] [--out DIR] [--top-k 5]
+    transformers-bcos explain MODEL IMAGE... [--target LABEL|INDEX] [--text PROMPT...] [--out DIR] [--top-k 5] [--overwrite]
     transformers-bcos evaluate MODEL --dataset DATA [--split SPLIT] [--grid-size 2] [--source SRC] [--save]
     transformers-bcos push DIR ORG/NAME [--dry-run] [--private]
 
@@ -15,6 +15,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,8 @@ import warnings
 
 # Errors that mean "bad input" (the libraries raise these for missing files, unreadable images,
 # unknown labels, unsupported models, offline Hub access): reported in one line.
-USER_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError)
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError, pickle.UnpicklingError)
+NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 EXPLAIN_BATCH_SIZE = 8
 EXAMPLE_IMAGE = "explanation_examples.png"
 EXAMPLE_ROWS = 4
@@ -64,10 +67,13 @@ def check_model_location(location: str, role: str = "MODEL") -> None:
 
     from .model_card import is_hub_repo_id
 
+    from .modeling_bcos import check_weight_files
+
     path = os.path.expanduser(location)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CLIError(f"{role} {location} is not a saved model folder (no config.json).")
+        check_weight_files(path)
     elif os.path.exists(path):
         raise CLIError(f"{role} {location} is a file; expected a model folder or a Hub id.")
     elif not is_hub_repo_id(location):
@@ -258,6 +264,16 @@ def run_explain(args) -> None:
     from .visualization import explanation_panels
 
     images = [read_image(path) for path in args.images]
+    out_dir = os.path.abspath(os.path.expanduser(args.out))
+    if os.path.isfile(out_dir):
+        raise CLIError(f"--out {args.out} is a file; expected a folder.")
+    destinations = output_paths(args.images, out_dir)
+    existing = [path for path in destinations if os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise CLIError(
+            f"{existing[0]} exists ({len(existing)} of the {len(destinations)} output PNGs do): pass --overwrite to "
+            "replace them, or choose another --out."
+        )
     model, processor = load_bcos_model(args.model)
     if model.config.model_type == "bcos":
         if args.text:
@@ -270,11 +286,7 @@ def run_explain(args) -> None:
         if len(set(prompts)) != len(prompts):
             raise CLIError("--text holds the same prompt twice.")
         target = parse_prompt_target(args.target, prompts)
-    out_dir = os.path.abspath(os.path.expanduser(args.out))
-    if os.path.isfile(out_dir):
-        raise CLIError(f"--out {args.out} is a file; expected a folder.")
     os.makedirs(out_dir, exist_ok=True)
-    destinations = output_paths(args.images, out_dir)
 
     for start in range(0, len(images), EXPLAIN_BATCH_SIZE):
         batch = slice(start, start + EXPLAIN_BATCH_SIZE)
@@ -696,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--text", metavar="PROMPT", nargs="+", help="B-cos CLIP: texts to compare each image with; explains the image-text cosine.")
     explain.add_argument("--out", metavar="DIR", default="explanations", help="Output folder (default: ./explanations).")
     explain.add_argument("--top-k", type=positive_int, default=5, help="Predictions to print per image (default: 5).")
+    explain.add_argument("--overwrite", action="store_true", help="Replace PNGs of the same names in --out.")
     explain.set_defaults(run=run_explain)
 
     evaluate = commands.add_parser(
@@ -783,8 +796,27 @@ def quiet_libraries():
                 os.environ[DATASETS_PROGRESS_BARS_VARIABLE] = previous_datasets_bars
 
 
+def check_single_dash_arguments(argv) -> None:
+    """argparse reads any word that starts with '-' as an option, so a model, image or Hub id
+    written that way ends in a puzzling "arguments are required"; say what happened instead."""
+    for word in argv:
+        if word == "--":
+            return
+        if word.startswith("-") and not word.startswith("--") and word != "-h" and not NEGATIVE_NUMBER.match(word):
+            raise CLIError(
+                f"{word!r} is read as an option, and there is none of that name: a path that starts with '-' can be "
+                f"written ./{word} (or put it after --); Hub ids never start with '-'."
+            )
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_single_dash_arguments(argv)
+    except CLIError as error:
+        print(f"transformers-bcos: error: {error}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     with contextlib.nullcontext() if args.verbose else quiet_libraries():
         try:

@@ -15,7 +15,8 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -104,6 +105,7 @@ class ImageClassificationData:
     label_column: str
     labels: list
     source: str
+    skipped_images: list = field(default_factory=list)  # (split, file or index, reason) of unreadable images left out
 
     @property
     def id2label(self) -> dict:
@@ -190,6 +192,29 @@ def _encode_labels(splits: DatasetDict, label_column: str) -> DatasetDict:
     return splits.cast_column(label_column, ClassLabel(names=names))
 
 
+def unreadable_images(split: Dataset, image_column: str) -> list:
+    """(row index, file name or row, reason) of each image of ``split`` that PIL cannot decode.
+
+    Every image is decoded once (`to_rgb`, as training does), so a corrupt file is found before
+    training instead of failing it at the step that first draws it.
+    """
+    raw = split.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+    values = (value for batch in raw.iter(batch_size=256) for value in batch[image_column])
+    found = []
+    for index, value in enumerate(values):
+        name = (value or {}).get("path") or f"row {index}"
+        try:
+            if not value or (value.get("bytes") is None and value.get("path") is None):
+                raise ValueError("no image")
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+            with PILImage.open(source) as image:
+                image.load()
+                to_rgb(image)
+        except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as error:
+            found.append((index, name, _first_line(error)))
+    return found
+
+
 def load_image_classification_data(
     dataset: Optional[str] = None,
     *,
@@ -202,6 +227,7 @@ def load_image_classification_data(
     max_eval_samples: Optional[int] = None,
     seed: int = 0,
     cache_dir: Optional[str] = None,
+    skip_unreadable_images: bool = False,
 ) -> ImageClassificationData:
     """Open an image-classification data set and check it can be trained on.
 
@@ -214,10 +240,12 @@ def load_image_classification_data(
         eval_split: the evaluation split; by default the first of validation/valid/val/test that
             exists, else a stratified ``eval_fraction`` of the training split (seeded).
         max_train_samples, max_eval_samples: keep a seeded random subset (quick runs, tests).
+        skip_unreadable_images: leave out images that cannot be decoded (listed in
+            ``skipped_images``) instead of raising. Every image is decoded once to find them.
 
     Raises:
-        DatasetError: unknown data set, split or column, or a label column that is missing or not
-            categorical; the message names what exists.
+        DatasetError: unknown data set, split or column, a label column that is missing or not
+            categorical (the message names what exists), or an unreadable image (named).
     """
     splits = _open_dataset(dataset, cache_dir)
     if train_split not in splits:
@@ -262,12 +290,27 @@ def load_image_classification_data(
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
         evaluation = evaluation.shuffle(seed=seed).select(range(max_eval_samples))
+    skipped = []
+    for role in ("train", "eval"):
+        split = train if role == "train" else evaluation
+        bad = unreadable_images(split, image_column)
+        if bad and not skip_unreadable_images:
+            index, name, reason = bad[0]
+            raise DatasetError(
+                f"{len(bad)} unreadable image(s) in the {role} data, the first {name}: {reason}. Remove them, or pass "
+                "--skip_unreadable_images to leave them out."
+            )
+        if bad:
+            rows = {index for index, _, _ in bad}
+            split = split.select([i for i in range(len(split)) if i not in rows])
+            skipped += [(role, name, reason) for _, name, reason in bad]
+        train, evaluation = (split, evaluation) if role == "train" else (train, split)
     if len(train) == 0 or len(evaluation) == 0:
         raise DatasetError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation examples.")
 
     names = list(train.features[label_column].names)
     source = f"{dataset or DEFAULT_DATASET} (train: {train_split}, eval: {eval_split})"
-    return ImageClassificationData(train, evaluation, image_column, label_column, names, source)
+    return ImageClassificationData(train, evaluation, image_column, label_column, names, source, skipped)
 
 
 # ----------------------------------------------------------------------------------------------

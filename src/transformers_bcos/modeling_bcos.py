@@ -390,7 +390,7 @@ def _listed(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _check_weight_files(folder: str) -> None:
+def check_weight_files(folder: str) -> None:
     """Raise an OSError naming a local checkpoint's unreadable (truncated, empty) safetensors file."""
     from safetensors import SafetensorError, safe_open
 
@@ -428,7 +428,7 @@ class BcosPreTrainedModel(PreTrainedModel):
         if os.path.isdir(location):
             if kwargs.get("config") is None and not os.path.isfile(os.path.join(location, "config.json")):
                 raise OSError(f"{location} is not a saved model folder: it has no config.json.")
-            _check_weight_files(location)
+            check_weight_files(location)
         wants_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         try:

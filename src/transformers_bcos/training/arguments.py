@@ -27,6 +27,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, defaults: RunOptions) ->
     group.add_argument("--augment_min_scale", type=float, default=defaults.augment_min_scale,
                        help="Smallest area fraction of the random resized crop.")
     group.add_argument("--dataloader_num_workers", type=int, default=defaults.dataloader_num_workers)
+    group.add_argument("--skip_unreadable_images", action="store_true",
+                       help="Leave out (and count) images that cannot be decoded; by default one is an error. "
+                            "Every image is decoded once before training to find them.")
     return group
 
 

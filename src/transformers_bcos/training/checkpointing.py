@@ -18,6 +18,7 @@ folder never looks like one. All processes must see the same file system (as for
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -74,8 +75,33 @@ def read_position(checkpoint_dir: str) -> TrainingPosition:
     path = os.path.join(checkpoint_dir, STATE_FILENAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{checkpoint_dir} is not a training checkpoint (no {STATE_FILENAME}).")
-    with open(path, encoding="utf-8") as f:
-        return TrainingPosition(**json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return TrainingPosition(**json.load(f))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a training position: {error}") from None
+
+
+def check_checkpoint_files(checkpoint_dir: str) -> None:
+    """Raise a CheckpointError naming a truncated or corrupt file of a checkpoint, before any work.
+
+    safetensors files must have a complete header that covers the file; the files
+    ``torch.save`` writes (optimizer, scheduler, sampler, RNG states) are zip archives whose
+    directory sits at their end, so a truncated one no longer opens.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(checkpoint_dir)):
+        path = os.path.join(checkpoint_dir, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt"):
+                    pass
+            elif name.endswith((".bin", ".pkl", ".pt")):
+                with zipfile.ZipFile(path):
+                    pass
+        except (SafetensorError, zipfile.BadZipFile, OSError) as error:
+            raise CheckpointError(f"Checkpoint file {path} is truncated or corrupt: {error}") from None
 
 
 class CheckpointManager:
@@ -124,9 +150,11 @@ class CheckpointManager:
             path = self.latest()
             if path is None:
                 raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint in {self.directory}.")
-            return path
-        read_position(checkpoint)  # raises if it is not a complete checkpoint
-        return checkpoint
+        else:
+            path = checkpoint
+            read_position(path)  # raises if it is not a complete checkpoint
+        check_checkpoint_files(path)
+        return path
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ processor, tokenizer, README.md). Checkpoints, resuming, progress and export are
 `run_finetuning` (`transformers_bcos.training.run`).
 """
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -36,7 +37,9 @@ from .run import (
     create_accelerator,
     hub_metadata,
     load_run_data,
+    load_training_state,
     optimization_rows,
+    output_dir_lock,
     percent,
     prepare_output_dir,
     recordable,
@@ -73,6 +76,8 @@ def validate_options(options: ClipDistillationOptions) -> None:
         raise OptionsError("--model is required: the standard CLIP to B-cosify (a Hub id or a local folder).")
     check_positive("b", options.b)
     check_positive("loss_scale", options.loss_scale)
+    if not math.isfinite(options.loss_bias):
+        raise OptionsError(f"--loss_bias must be a finite number, got {options.loss_bias}.")
     templates = options.prompt_templates
     if isinstance(templates, str) or not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
         raise OptionsError(f'--prompt_templates must be one or more templates with a "{{}}" for the class name, got {templates!r}.')
@@ -171,7 +176,8 @@ def run_clip_distillation(options: ClipDistillationOptions) -> dict:
     validate_options(options)
     accelerator = create_accelerator(options)
     try:
-        return _run(options, accelerator)
+        with output_dir_lock(options, accelerator):
+            return _run(options, accelerator)
     finally:
         accelerator.end_training()
 
@@ -227,8 +233,10 @@ def _run(options: ClipDistillationOptions, accelerator: Accelerator) -> dict:
         return measured
 
     if resume_dir is not None:
-        accelerator.load_state(resume_dir)
+        incomplete = load_training_state(accelerator, resume_dir)
         position = read_position(resume_dir)
+        if incomplete:
+            position.metrics.setdefault("resumed_without", []).extend(incomplete)
         log(f"Resumed from {resume_dir} (step {position.completed_steps}, epoch {position.epoch + 1}).")
     else:
         position = TrainingPosition()

@@ -10,12 +10,14 @@ Every input is checked before any work starts (`validate_options`, then the data
 import json
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, ViTConfig
 
@@ -34,7 +36,7 @@ from ..layers import BcosLinear
 from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_rows
 from ..modeling_bcos import BcosForImageClassification
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
-from .checkpointing import CheckpointManager, TrainingPosition, read_position
+from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
 from .loop import check_agc_supported, evaluate_accuracy, training_step
 from .recipe import create_optimizer, create_scheduler, recipe_defaults
 from .run import (
@@ -46,7 +48,9 @@ from .run import (
     create_accelerator,
     hub_metadata,
     load_run_data,
+    load_training_state,
     optimization_rows,
+    output_dir_lock,
     percent,
     prepare_output_dir,
     recordable,
@@ -78,10 +82,49 @@ class FinetuneOptions(RunOptions):
     bn_reestimation_images: Optional[int] = None
 
 
+def _read_scratch_config(spec: str) -> dict:
+    """The JSON config file of ``--from_scratch``, or an OptionsError naming what is wrong with it."""
+    try:
+        with open(spec, encoding="utf-8") as f:
+            config_dict = json.load(f)
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionsError(f"--from_scratch {spec}: cannot read it: {error}") from None
+    except json.JSONDecodeError as error:
+        raise OptionsError(f"--from_scratch {spec} is not valid JSON: {error}") from None
+    if not isinstance(config_dict, dict):
+        raise OptionsError(f"--from_scratch {spec} holds a JSON {type(config_dict).__name__}, not a config object.")
+    if config_dict.get("model_type") != BcosConfig.model_type and config_dict.get("model_type") not in SUPPORTED_BACKBONES:
+        raise OptionsError(
+            f"--from_scratch {spec}: model_type {config_dict.get('model_type')!r} is not one of "
+            f"{', '.join(sorted(SUPPORTED_BACKBONES))} or bcos."
+        )
+    return config_dict
+
+
+def _check_model_folder(source: str) -> None:
+    """A local --model folder must hold config.json and readable weights (checked before any work)."""
+    folder = os.path.expanduser(source)
+    if not os.path.isdir(folder):
+        return
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise OptionsError(f"--model {source} is not a saved model folder: it has no config.json.")
+    weights = [name for name in os.listdir(folder) if name.endswith((".safetensors", ".bin"))]
+    if not weights:
+        raise OptionsError(f"--model {source} holds no weights (model.safetensors).")
+    try:
+        check_checkpoint_files(folder)
+    except CheckpointError as error:
+        raise OptionsError(f"--model {source}: {error}") from None
+
+
 def validate_options(options: FinetuneOptions) -> None:
     """Check the options that need no data or model: output folder, numbers, Hub access."""
     if options.model is not None and options.from_scratch is not None:
         raise OptionsError("Pass either --model (a checkpoint to start from) or --from_scratch, not both.")
+    if options.from_scratch is not None and os.path.isfile(options.from_scratch):
+        _read_scratch_config(options.from_scratch)
+    if options.model is not None:
+        _check_model_folder(options.model)
     check_positive("b", options.b)
     check_positive("image_size", options.image_size)
     check_positive("agc_clip_factor", options.agc_clip_factor, allow_zero=True)
@@ -109,17 +152,14 @@ def _scratch_config(spec: str, b: float, labels: list, image_size: Optional[int]
         backbone = STANDARD_MODEL_RECIPES[spec]["config"]()
         default_size = 28
     elif os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            config_dict = json.load(f)
-        if config_dict.get("model_type") == BcosConfig.model_type:
-            backbone = BcosConfig.from_dict(config_dict).backbone_config
-        elif config_dict.get("model_type") in SUPPORTED_BACKBONES:
-            backbone = AutoConfig.for_model(**config_dict)
-        else:
-            raise OptionsError(
-                f"--from_scratch {spec}: model_type {config_dict.get('model_type')!r} is not one of "
-                f"{', '.join(sorted(SUPPORTED_BACKBONES))} or bcos."
-            )
+        config_dict = _read_scratch_config(spec)
+        try:
+            if config_dict["model_type"] == BcosConfig.model_type:
+                backbone = BcosConfig.from_dict(config_dict).backbone_config
+            else:
+                backbone = AutoConfig.for_model(**config_dict)
+        except (TypeError, ValueError, KeyError) as error:
+            raise OptionsError(f"--from_scratch {spec} is not a valid config: {str(error).splitlines()[0]}") from None
         default_size = 224
     else:
         raise OptionsError(
@@ -200,17 +240,22 @@ def prepare_model(options: FinetuneOptions, data: ImageClassificationData, accel
     else:
         source_for_loading = source
     model_type = _source_model_type(source_for_loading)
-    if model_type == BcosConfig.model_type:
-        model = BcosForImageClassification.from_pretrained(source_for_loading)
-        if options.b != model.config.b:
-            raise OptionsError(f"--b {options.b} differs from the B-cos checkpoint's b={model.config.b}.")
-        origin, family = "continued", model.config.backbone_family
-    else:
-        if model_type not in SUPPORTED_BACKBONES:
-            raise OptionsError(f"Unsupported architecture {model_type!r} in {source}; supported: "
-                               f"{', '.join(sorted(SUPPORTED_BACKBONES))} (standard) or B-cos checkpoints.")
-        model = bcosify_pretrained(source_for_loading, b=options.b)
-        origin, family = "bcosified", SUPPORTED_BACKBONES[model_type]
+    if model_type != BcosConfig.model_type and model_type not in SUPPORTED_BACKBONES:
+        raise OptionsError(f"Unsupported architecture {model_type!r} in {source}; supported: "
+                           f"{', '.join(sorted(SUPPORTED_BACKBONES))} (standard) or B-cos checkpoints.")
+    try:
+        if model_type == BcosConfig.model_type:
+            model = BcosForImageClassification.from_pretrained(source_for_loading)
+            origin, family = "continued", model.config.backbone_family
+        else:
+            model = bcosify_pretrained(source_for_loading, b=options.b)
+            origin, family = "bcosified", SUPPORTED_BACKBONES[model_type]
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
+        # transformers reports shape mismatches as RuntimeError, refused pickles as UnpicklingError.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise OptionsError(f"Cannot load the model {source}: {message}") from None
+    if origin == "continued" and options.b != model.config.b:
+        raise OptionsError(f"--b {options.b} differs from the B-cos checkpoint's b={model.config.b}.")
     adapt_classifier_to_labels(model, data.labels)
     return PreparedModel(model, origin, source, family, source_summary)
 
@@ -323,7 +368,8 @@ def run_finetuning(options: FinetuneOptions) -> dict:
     validate_options(options)
     accelerator = create_accelerator(options)
     try:
-        return _run(options, accelerator)
+        with output_dir_lock(options, accelerator):
+            return _run(options, accelerator)
     finally:
         accelerator.end_training()
 
@@ -361,9 +407,14 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
         accelerator.init_trackers("bcos_finetune", {**tracked, **{f"recipe_{k}": v for k, v in asdict(recipe).items()
                                                                   if isinstance(v, (int, float, str))}})
 
+    if data.skipped_images:
+        log(f"Left out {len(data.skipped_images)} unreadable image(s) (--skip_unreadable_images), e.g. "
+            f"{data.skipped_images[0][1]}: {data.skipped_images[0][2]}.")
     if resume_dir is not None:
-        accelerator.load_state(resume_dir)
+        incomplete = load_training_state(accelerator, resume_dir)
         position = read_position(resume_dir)
+        if incomplete:
+            position.metrics.setdefault("resumed_without", []).extend(incomplete)
         log(f"Resumed from {resume_dir} (step {position.completed_steps}, epoch {position.epoch + 1}).")
     else:
         position = TrainingPosition()

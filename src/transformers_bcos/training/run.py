@@ -5,17 +5,21 @@
 
 1. `validate_run_options`: every option that needs no data or model is checked before any work;
 2. `load_run_data`, `build_loaders`: the data set and its loaders (pixels in [0, 1]);
-3. `prepare_output_dir`: a new run, an overwritten one, or a resumed one (leftovers removed,
-   newer checkpoints of an abandoned continuation dropped, the options recorded);
+3. `output_dir_lock`, `prepare_output_dir`: one run per output folder at a time; a new run, an
+   overwritten one, or a resumed one (leftovers removed, newer checkpoints of an abandoned
+   continuation dropped, the options recorded);
 4. `train_epochs`: progress bar, tracking, checkpoints every N steps and after each epoch's
-   evaluation, resuming mid-epoch with the same data order;
+   evaluation, resuming mid-epoch with the same data order; a non-finite loss stops the run;
 5. `save_and_publish`: the model folder, its card and results, optionally pushed to the Hub.
 """
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import socket
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -32,14 +36,21 @@ from ..data import (
     ImageProcessorCollator,
     load_image_classification_data,
 )
-from .checkpointing import CheckpointManager, TrainingPosition
+from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition
 from .loop import RunningMean, ThroughputMeter
 
 # Files of a finished or running run in its output folder.
 RUN_OPTIONS_FILE = "run_options.json"
 RESULTS_FILE = "all_results.json"
+LOCK_FILE = ".run.lock"
 # Output-folder entries that are not part of the published model.
-NOT_PUBLISHED = ["checkpoints/*", "runs/*", RUN_OPTIONS_FILE]
+NOT_PUBLISHED = ["checkpoints/*", "runs/*", RUN_OPTIONS_FILE, LOCK_FILE]
+# Options a resumed run may change: they do not touch what is trained or in which order.
+CHANGEABLE_ON_RESUME = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "per_device_eval_batch_size", "checkpointing_steps",
+    "keep_last_checkpoints", "with_tracking", "report_to", "logging_steps", "dataloader_num_workers", "push_to_hub",
+    "hub_model_id", "hub_token", "model_card_template", "disable_progress_bar", "skip_unreadable_images",
+})
 
 
 @dataclass
@@ -84,15 +95,55 @@ class RunOptions:
     hub_token: Optional[str] = None
     model_card_template: Optional[str] = None
     disable_progress_bar: bool = False
+    skip_unreadable_images: bool = False
 
 
 class OptionsError(ValueError):
     """Options that cannot work; raised before any work, with a one-line message."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise OptionsError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+    # NaN passes every comparison, so finiteness is checked first.
+    if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)):
+        raise OptionsError(f"--{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """The output folder must be a folder (or not exist yet) that this process can write in."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OptionsError(f"--output_dir {output_dir} is a file, not a folder.")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OptionsError(f"--output_dir {output_dir} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionsError(f"--output_dir {output_dir} cannot be written: {existing} is not writable.")
+
+
+def check_resumable_options(options: RunOptions, checkpoint_dir: str) -> None:
+    """Resuming with options that change what is trained or in which order would not continue the
+    same run: refuse them, naming each change (the run's options are in its run_options.json)."""
+    recorded_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir))), RUN_OPTIONS_FILE)
+    if not os.path.isfile(recorded_path):
+        return
+    try:
+        with open(recorded_path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"Cannot read {recorded_path}, the options of the run to resume: {error}") from None
+    current = recordable(options)
+    changed = [f"--{name} {recorded.get(name)!r} -> {value!r}" for name, value in current.items()
+               if name not in CHANGEABLE_ON_RESUME and name in recorded and recorded[name] != value]
+    if changed:
+        raise OptionsError(
+            f"Resuming {checkpoint_dir} with other options than its run ({recorded_path}) would not continue it: "
+            + "; ".join(changed) + ". Resume with the same options, or start a new run in another --output_dir."
+        )
 
 
 def _holds_another_run(output_dir: str) -> bool:
@@ -114,9 +165,11 @@ def validate_run_options(options: RunOptions, default_template: str) -> None:
     if options.model_card_template is None and not os.path.isfile(default_template):
         raise OptionsError(f"The model-card template {default_template} is missing: pass --model_card_template.")
 
+    check_output_dir_writable(options.output_dir)
     if options.resume_from_checkpoint is not None:
         # Raises CheckpointError (a ValueError) naming the problem.
-        CheckpointManager(options.output_dir).resolve(options.resume_from_checkpoint)
+        checkpoint_dir = CheckpointManager(options.output_dir).resolve(options.resume_from_checkpoint)
+        check_resumable_options(options, checkpoint_dir)
     elif _holds_another_run(options.output_dir) and not options.overwrite_output_dir:
         raise OptionsError(
             f"Output directory {options.output_dir} already holds files (another run?): pass --overwrite_output_dir, "
@@ -152,6 +205,7 @@ def load_run_data(options: RunOptions) -> ImageClassificationData:
         max_train_samples=options.max_train_samples,
         max_eval_samples=options.max_eval_samples,
         seed=options.seed,
+        skip_unreadable_images=options.skip_unreadable_images,
     )
 
 
@@ -240,6 +294,89 @@ def optimization_rows(options: RunOptions, schedule: Schedule, num_train_images:
     ]
 
 
+def _lock_holder(path: str) -> Optional[str]:
+    """Who holds the lock file at ``path``: "PID n on HOST", or None if it is stale (that process is gone)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid_text, _, host = f.read().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return "an unknown process (unreadable lock file)"
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, owned by another user
+    return f"PID {pid} on {host}"
+
+
+@contextlib.contextmanager
+def output_dir_lock(options: RunOptions, accelerator: Accelerator):
+    """Hold ``<output_dir>/.run.lock`` (main process) while the run works in its output folder.
+
+    A second run on the same folder (which would delete or mix the first one's checkpoints,
+    model and options) is refused with an OptionsError naming the holder; a lock left by a
+    process that no longer runs (killed) is taken over. A folder this run created and left
+    empty (it failed before writing anything) is removed again.
+    """
+    if not accelerator.is_main_process:
+        yield
+        return
+    created = not os.path.isdir(options.output_dir)
+    os.makedirs(options.output_dir, exist_ok=True)
+    path = os.path.join(options.output_dir, LOCK_FILE)
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None:
+                raise OptionsError(
+                    f"Output directory {options.output_dir} is in use by another run ({holder}; lock file {path}): "
+                    "wait for it or choose another --output_dir."
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+    else:
+        raise OptionsError(f"Cannot take the lock {path}: another run took it at the same time.")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        if created and not os.listdir(options.output_dir):
+            os.rmdir(options.output_dir)
+
+
+def load_training_state(accelerator: Accelerator, checkpoint_dir: str) -> list:
+    """``accelerator.load_state(checkpoint_dir)``, saying what it could not restore.
+
+    Accelerate skips a random-number-generator state file it cannot read (missing, or a pickle
+    that ``torch.load(weights_only=True)`` refuses) with an INFO message only; the run then goes
+    on with other random draws (dropout, stochastic depth) than the interrupted one. Returns the
+    parts that were not restored, after printing a warning line on stderr for them.
+    """
+    from accelerate.utils import load as accelerate_load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    accelerator.load_state(checkpoint_dir)
+    rng_file = os.path.join(checkpoint_dir, f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl")
+    try:
+        accelerate_load(rng_file)
+        incomplete = []
+    except Exception as error:  # exactly what Accelerate catches and logs at INFO level
+        incomplete = [f"the random-number-generator state {rng_file} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+    for part in incomplete:
+        print(f"warning: resumed from {checkpoint_dir} without {part}: the run continues, but not bit-identical "
+              "to an uninterrupted one.", file=sys.stderr)
+    return incomplete
+
+
 def prepare_output_dir(options: RunOptions, accelerator: Accelerator, checkpoints: CheckpointManager) -> Optional[str]:
     """Get the output folder ready for this run; returns the checkpoint to resume from, if any."""
     resume_dir = checkpoints.resolve(options.resume_from_checkpoint) if options.resume_from_checkpoint else None
@@ -306,6 +443,12 @@ def train_epochs(
         epoch_loss, epoch_steps = 0.0, 0
         for batch in epoch_loader:
             loss = train_step(batch)
+            if not torch.isfinite(loss).all():
+                raise TrainingDivergedError(
+                    f"The training loss became {loss.item()} at step {completed_steps + 1} (epoch {epoch + 1}): the run "
+                    f"diverged and was stopped; the last good checkpoint is {checkpoints.latest() or 'none (no checkpoint yet)'}. "
+                    "Lower --learning_rate (or raise --num_warmup_steps) and start again or resume."
+                )
             batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
@@ -351,6 +494,13 @@ def save_and_publish(options: RunOptions, accelerator: Accelerator, model, state
     ``card`` is called on the main process only.
     """
     accelerator.wait_for_everyone()
+    non_finite = [name for name, tensor in state_dict.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if non_finite:
+        raise TrainingDivergedError(
+            f"The trained weights hold NaN or infinite values ({', '.join(non_finite[:3])}"
+            f"{' and more' if len(non_finite) > 3 else ''}): the run diverged; nothing was saved beyond the checkpoints. "
+            "Lower --learning_rate and start again."
+        )
     model.save_pretrained(options.output_dir, is_main_process=accelerator.is_main_process,
                           save_function=accelerator.save, state_dict=state_dict)
     if accelerator.is_main_process:
