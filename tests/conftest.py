@@ -113,6 +113,21 @@ def mnist_images():
     return images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous(), torch.tensor(labels[::311][:16])
 
 
+@pytest.fixture(scope="session")
+def tiny_standard_resnet(tmp_path_factory):
+    """A tiny standard ResNetForImageClassification with a normalising 28-px processor, labels "0".."9"."""
+    torch.manual_seed(0)
+    labels = [str(d) for d in range(10)]
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny_resnet")
+    ResNetForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.13] * 3, image_std=[0.31] * 3).save_pretrained(folder)
+    return str(folder)
+
+
 BLOCK_PACKAGE = textwrap.dedent(
     """
     import sys

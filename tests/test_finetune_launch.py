@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+from transformers import ResNetForImageClassification
 
 from conftest import REPO, launch_command, load_example_script, run, run_without_package
 
@@ -34,21 +34,6 @@ def launch_env(tmp_path_factory, bcos_cache_dir):
         "TRANSFORMERS_BCOS_CACHE": bcos_cache_dir,
         "TRANSFORMERS_VERBOSITY": "error",
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_standard_resnet(tmp_path_factory):
-    """A tiny standard ResNetForImageClassification with a normalising 28-px processor, labels "0".."9"."""
-    torch.manual_seed(0)
-    labels = [str(d) for d in range(10)]
-    config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny_resnet")
-    ResNetForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.13] * 3, image_std=[0.31] * 3).save_pretrained(folder)
-    return str(folder)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -392,6 +392,23 @@ def prepare_output_dir(options: RunOptions, accelerator: Accelerator, checkpoint
     return resume_dir
 
 
+def _diverged_advice(checkpoints: CheckpointManager) -> str:
+    return (f"the run diverged and was stopped; the last good checkpoint is {checkpoints.latest() or 'none (none was saved yet)'}. "
+            "Lower --learning_rate (or raise --num_warmup_steps) and start again.")
+
+
+def check_finite_weights(model, completed_steps: int, checkpoints: CheckpointManager) -> None:
+    """Raise TrainingDivergedError before a checkpoint of NaN or infinite weights is written
+    (a last update can overflow the weights while its loss was still finite)."""
+    non_finite = [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if non_finite:
+        raise TrainingDivergedError(
+            f"The weights hold NaN or infinite values after step {completed_steps} ({', '.join(non_finite[:3])}"
+            f"{' and more' if len(non_finite) > 3 else ''}): " + _diverged_advice(checkpoints)
+        )
+
+
 def train_epochs(
     accelerator: Accelerator,
     options: RunOptions,
@@ -445,9 +462,8 @@ def train_epochs(
             loss = train_step(batch)
             if not torch.isfinite(loss).all():
                 raise TrainingDivergedError(
-                    f"The training loss became {loss.item()} at step {completed_steps + 1} (epoch {epoch + 1}): the run "
-                    f"diverged and was stopped; the last good checkpoint is {checkpoints.latest() or 'none (no checkpoint yet)'}. "
-                    "Lower --learning_rate (or raise --num_warmup_steps) and start again or resume."
+                    f"The training loss became {loss.item()} at step {completed_steps + 1} (epoch {epoch + 1}): "
+                    + _diverged_advice(checkpoints)
                 )
             batches_in_epoch += 1
             if not accelerator.sync_gradients:
@@ -465,6 +481,7 @@ def train_epochs(
                 accelerator.log({"train/loss": mean_loss, "train/learning_rate": learning_rate,
                                  "train/images_per_second": throughput.images_per_second}, step=completed_steps)
             if options.checkpointing_steps and completed_steps % options.checkpointing_steps == 0:
+                check_finite_weights(model, completed_steps, checkpoints)
                 position = TrainingPosition(completed_steps, epoch, batches_in_epoch, False, position.metrics)
                 checkpoints.save(accelerator, f"step_{completed_steps:08d}", position)
                 throughput.restart()
@@ -480,6 +497,7 @@ def train_epochs(
         if options.with_tracking:
             accelerator.log({**{f"eval/{k}": v for k, v in measured.items() if isinstance(v, (int, float))},
                              "epoch": epoch + 1}, step=completed_steps)
+        check_finite_weights(model, completed_steps, checkpoints)
         position = TrainingPosition(completed_steps, epoch, batches_in_epoch, True, position.metrics)
         checkpoints.save(accelerator, f"epoch_{epoch + 1:04d}", position)
     if progress is not None:
