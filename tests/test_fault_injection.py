@@ -560,3 +560,24 @@ def test_a_refused_rng_state_is_reported_on_resume(checkpointed_run, finetune, c
     assert f"warning: resumed from {copy / 'checkpoints' / 'step_00000002'} without the random-number-generator state" in err
     results = json.loads((copy / "all_results.json").read_text())
     assert "random_states_0.pkl" in results["resumed_without"][0]
+
+
+def test_two_runs_started_together_leave_one_consistent_folder(tiny_standard_resnet, tmp_path):
+    """Without the lock, both checked the empty folder, both finished with exit 0, and the folder
+    mixed one run's model with the other's run_options.json. Now one run works in the folder and
+    the other is refused: by the lock while the first runs, or as "already holds files" after."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "finetune.py")
+    runs = [
+        subprocess.Popen([sys.executable, script, "--model", tiny_standard_resnet, "--output_dir", str(out), *TINY_RUN,
+                          "--seed", str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in (1, 2)
+    ]  # fmt: skip
+    results = [(run.wait(timeout=300), run.communicate()[1]) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    winner = [seed for seed, (code, _) in zip((1, 2), results) if code == 0][0]
+    refusal = [err for code, err in results if code == 2][0].strip().splitlines()[-1]
+    assert "is in use by another run" in refusal or "already holds files" in refusal, refusal
+    assert json.loads((out / RUN_OPTIONS_FILE).read_text())["seed"] == winner
+    assert (out / "model.safetensors").exists() and not (out / LOCK_FILE).exists()

@@ -341,7 +341,7 @@ def test_an_output_dir_holding_another_run_is_refused_before_any_work(tmp_path):
         validate_options(FinetuneOptions(output_dir=str(tmp_path), resume_from_checkpoint="latest"))
     with pytest.raises(OptionsError, match="either --model.*or --from_scratch"):
         validate_options(FinetuneOptions(output_dir=str(tmp_path / "new"), model="x", from_scratch="resnet"))
-    with pytest.raises(OptionsError, match="--learning_rate must be > 0"):
+    with pytest.raises(OptionsError, match="--learning_rate must be a finite number > 0"):
         validate_options(FinetuneOptions(output_dir=str(tmp_path / "new"), learning_rate=0.0))
     with pytest.raises(OptionsError, match="HF_HUB_OFFLINE"):
         validate_options(FinetuneOptions(output_dir=str(tmp_path / "new"), push_to_hub=True, hub_model_id="a/b"))

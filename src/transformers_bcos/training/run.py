@@ -49,7 +49,7 @@ NOT_PUBLISHED = ["checkpoints/*", "runs/*", RUN_OPTIONS_FILE, LOCK_FILE]
 CHANGEABLE_ON_RESUME = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "per_device_eval_batch_size", "checkpointing_steps",
     "keep_last_checkpoints", "with_tracking", "report_to", "logging_steps", "dataloader_num_workers", "push_to_hub",
-    "hub_model_id", "hub_token", "model_card_template", "disable_progress_bar", "skip_unreadable_images",
+    "hub_model_id", "hub_token", "model_card_template", "disable_progress_bar",
 })
 
 
@@ -150,6 +150,15 @@ def _holds_another_run(output_dir: str) -> bool:
     return os.path.isdir(output_dir) and any(not name.startswith(".") for name in os.listdir(output_dir))
 
 
+def check_output_dir_free(options: RunOptions) -> None:
+    """A new run must not mix its files with another run's, unless told to overwrite them."""
+    if _holds_another_run(options.output_dir) and not options.overwrite_output_dir:
+        raise OptionsError(
+            f"Output directory {options.output_dir} already holds files (another run?): pass --overwrite_output_dir, "
+            "--resume_from_checkpoint latest, or another --output_dir."
+        )
+
+
 def validate_run_options(options: RunOptions, default_template: str) -> None:
     """Check the shared options that need no data or model: numbers, card template, output folder, Hub."""
     for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -170,11 +179,8 @@ def validate_run_options(options: RunOptions, default_template: str) -> None:
         # Raises CheckpointError (a ValueError) naming the problem.
         checkpoint_dir = CheckpointManager(options.output_dir).resolve(options.resume_from_checkpoint)
         check_resumable_options(options, checkpoint_dir)
-    elif _holds_another_run(options.output_dir) and not options.overwrite_output_dir:
-        raise OptionsError(
-            f"Output directory {options.output_dir} already holds files (another run?): pass --overwrite_output_dir, "
-            "--resume_from_checkpoint latest, or another --output_dir."
-        )
+    else:
+        check_output_dir_free(options)
     if options.push_to_hub:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
             raise OptionsError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set.")
@@ -345,6 +351,8 @@ def output_dir_lock(options: RunOptions, accelerator: Accelerator):
     with os.fdopen(descriptor, "w", encoding="utf-8") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     try:
+        if options.resume_from_checkpoint is None:
+            check_output_dir_free(options)  # again: a run may have finished here since the options were checked
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
