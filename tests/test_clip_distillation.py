@@ -207,7 +207,7 @@ def bcos_clip_folder(tmp_path_factory, clip_folder):
         (["--model", "{resnet}"], "holds a 'resnet' model; bcosify_clip.py needs a CLIP model"),
         (["--model", "{bcos_clip}"], "is already a B-cos CLIP; distillation starts from the standard CLIP"),
         (["--model", "{clip}", "--prompt_templates", "a photo"], '--prompt_templates must be one or more templates with a "{}"'),
-        (["--model", "{clip}", "--loss_scale", "0"], "--loss_scale must be > 0"),
+        (["--model", "{clip}", "--loss_scale", "0"], "--loss_scale must be a finite number > 0"),
         (["--model", "{clip}", "--dataset", "{photos}", "--image_column", "photo"], "Unknown image column 'photo'"),
         (["--model", "{clip}", "--resume_from_checkpoint", "latest"], "no checkpoint in"),
     ],

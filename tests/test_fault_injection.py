@@ -446,7 +446,9 @@ def test_a_broken_model_folder_is_refused_before_work(case, broken_checkpoints, 
 
 @pytest.mark.parametrize("case", ["a missing tensor", "another number of labels", "pickle-only folder", "renamed keys"])
 def test_a_checkpoint_that_does_not_fit_is_one_line_and_leaves_nothing(case, broken_checkpoints, finetune, capsys, tmp_path):
-    code, _, err = run_finetune(finetune, capsys, "--model", broken_checkpoints[case], "--output_dir", tmp_path / "out", *TINY_RUN)
+    """Reported before the data is opened: the (missing) data set would be the next error."""
+    code, _, err = run_finetune(finetune, capsys, "--model", broken_checkpoints[case], "--output_dir", tmp_path / "out",
+                                "--dataset", tmp_path / "no_such_data", *TINY_RUN)
     assert_finetune_error(code, err, f"Cannot load the model {broken_checkpoints[case]}")
     assert not (tmp_path / "out").exists()
 

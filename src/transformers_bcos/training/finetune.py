@@ -4,7 +4,8 @@
 line: standard checkpoint -> B-cosify (or continue a B-cos checkpoint, or build one from scratch)
 -> BatchNorm re-estimation -> fine-tuning with the B-cos recipe -> evaluation each epoch ->
 a Hub-ready folder (code, config, safetensors, image processor, README.md model card).
-Every input is checked before any work starts (`validate_options`, then the data set).
+Every input is checked before any work starts (`validate_options`, then the starting checkpoint,
+then the data set, each image of which is decoded once).
 """
 
 import json
@@ -218,12 +219,14 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
     return True
 
 
-def prepare_model(options: FinetuneOptions, data: ImageClassificationData, accelerator: Accelerator) -> PreparedModel:
-    """Build the B-cos model to train: B-cosified, continued or from scratch, with the data's labels."""
-    if options.from_scratch is not None:
-        config, family = _scratch_config(options.from_scratch, options.b, data.labels, options.image_size)
-        return PreparedModel(BcosForImageClassification(config), "scratch", options.from_scratch, family)
+def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> Optional[PreparedModel]:
+    """The checkpoint to start from, B-cosified or continued; None for ``--from_scratch``.
 
+    Loaded before the data, so that a checkpoint that does not load (missing or unexpected
+    weights, other shapes, an unreadable file) is reported before any work on the data.
+    """
+    if options.from_scratch is not None:
+        return None
     source = options.model or DEFAULT_MODEL
     source_summary = {}
     if source.startswith(DEFAULT_MODEL_PREFIX):
@@ -256,8 +259,17 @@ def prepare_model(options: FinetuneOptions, data: ImageClassificationData, accel
         raise OptionsError(f"Cannot load the model {source}: {message}") from None
     if origin == "continued" and options.b != model.config.b:
         raise OptionsError(f"--b {options.b} differs from the B-cos checkpoint's b={model.config.b}.")
-    adapt_classifier_to_labels(model, data.labels)
     return PreparedModel(model, origin, source, family, source_summary)
+
+
+def prepare_model(options: FinetuneOptions, data: ImageClassificationData, starting: Optional[PreparedModel]) -> PreparedModel:
+    """The B-cos model to train, with the data's labels: ``starting`` (`load_starting_model`) with
+    its classifier adapted, or, for ``--from_scratch``, a new one."""
+    if starting is None:
+        config, family = _scratch_config(options.from_scratch, options.b, data.labels, options.image_size)
+        return PreparedModel(BcosForImageClassification(config), "scratch", options.from_scratch, family)
+    adapt_classifier_to_labels(starting.model, data.labels)
+    return starting
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +389,9 @@ def run_finetuning(options: FinetuneOptions) -> dict:
 def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     log = accelerator.print
     set_seed(options.seed)
+    starting = load_starting_model(options, accelerator)
     data = load_run_data(options)
-    prepared = prepare_model(options, data, accelerator)
+    prepared = prepare_model(options, data, starting)
     model = prepared.model
     collator = ImageProcessorCollator(image_processor_from_dict(model.config.image_processor))
     loaders = build_loaders(options, data, collator)
