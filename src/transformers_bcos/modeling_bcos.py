@@ -424,8 +424,8 @@ class BcosPreTrainedModel(PreTrainedModel):
 
         from safetensors import SafetensorError
 
-        location = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(location):
+        location = None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
+        if location is not None and os.path.isdir(location):
             if kwargs.get("config") is None and not os.path.isfile(os.path.join(location, "config.json")):
                 raise OSError(f"{location} is not a saved model folder: it has no config.json.")
             check_weight_files(location)
