@@ -222,8 +222,9 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
 def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> Optional[PreparedModel]:
     """The checkpoint to start from, B-cosified or continued; None for ``--from_scratch``.
 
-    Loaded before the data, so that a checkpoint that does not load (missing or unexpected
-    weights, other shapes, an unreadable file) is reported before any work on the data.
+    Loaded before the data (except a ``default:`` model, trained on first use), so that a
+    checkpoint that does not load (missing or unexpected weights, other shapes, an unreadable
+    file) is reported before any work on the data.
     """
     if options.from_scratch is not None:
         return None
@@ -389,8 +390,12 @@ def run_finetuning(options: FinetuneOptions) -> dict:
 def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     log = accelerator.print
     set_seed(options.seed)
-    starting = load_starting_model(options, accelerator)
+    # A default model is trained on first use: that work waits until the data has been checked.
+    trained_on_first_use = options.from_scratch is None and (options.model or DEFAULT_MODEL).startswith(DEFAULT_MODEL_PREFIX)
+    starting = None if trained_on_first_use else load_starting_model(options, accelerator)
     data = load_run_data(options)
+    if trained_on_first_use:
+        starting = load_starting_model(options, accelerator)
     prepared = prepare_model(options, data, starting)
     model = prepared.model
     collator = ImageProcessorCollator(image_processor_from_dict(model.config.image_processor))
