@@ -366,6 +366,7 @@ def run_explain(args) -> None:
     else:
         scores_name = "softmax over the classes"
     print(f"scores: {scores_name}")
+    score_kind = scores_name.split()[0]
 
     for start in range(0, len(images), EXPLAIN_BATCH_SIZE):
         batch = slice(start, start + EXPLAIN_BATCH_SIZE)
@@ -373,7 +374,7 @@ def run_explain(args) -> None:
         explanation, scores, names = explain_batch(model, pixel_values, target, prompts)
         top = torch.topk(scores, k=min(args.top_k, scores.shape[-1]), dim=-1)
         titles = [
-            f"predicted: {names[int(top.indices[i, 0])]} ({float(top.values[i, 0]):.2f})   "
+            f"predicted: {names[int(top.indices[i, 0])]} ({score_kind} {float(top.values[i, 0]):.2f})   "
             f"explained: {names[int(explanation.target[i])]}"
             for i in range(pixel_values.shape[0])
         ]
