@@ -151,7 +151,9 @@ def test_bash_blocks_run_or_parse(workdir, bcos_cache_dir, monkeypatch, capsys):
             ran["parsed"] += 1
         elif words[0] == "transformers-bcos":
             arguments = [word.replace("~/.cache/transformers_bcos", bcos_cache_dir) for word in words[1:]]
-            build_parser().parse_args(arguments)
+            parsed = build_parser().parse_args(arguments)
+            for written in (getattr(parsed, "out", None), getattr(parsed, "output_dir", None)):
+                assert written is None or written.startswith("outputs/"), f"the tour writes under outputs/ only: {where}"
             assert cli_main(arguments) == 0, f"{where}\n{capsys.readouterr().err}"
             ran["cli"] += 1
         else:
