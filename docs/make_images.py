@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--retrain", action="store_true", help="Fine-tune again even if outputs/bcos-mnist is complete.")
     args = parser.parse_args(argv)
 
+    import numpy as np
+    from PIL import Image
+
     from transformers_bcos.data import load_embedded_dataset
     from transformers_bcos.defaults import default_standard_model
 
@@ -48,7 +51,9 @@ def main(argv=None) -> int:
     digits = []
     for index in TEST_INDICES:
         path = digit_path(index, names[test[index]["label"]])
-        test[index]["image"].save(path)
+        digit = test[index]["image"]
+        if not os.path.isfile(path) or not np.array_equal(np.asarray(Image.open(path).convert(digit.mode)), np.asarray(digit)):
+            digit.save(path)  # only when missing or different: the committed PNGs stay byte for byte
         digits.append(path)
 
     if args.retrain or not os.path.isfile(os.path.join(FINETUNED, "all_results.json")):
