@@ -105,10 +105,8 @@ def test_convert_of_a_bcos_model_says_it_is_one_already(folders, tmp_path, capsy
 
 
 def test_a_path_like_model_that_does_not_exist_is_not_looked_up_on_the_hub(folders, capsys, monkeypatch):
-    """'<existing folder>/missing' reads as a Hub id too; it is reported as a missing folder, online."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    """'<existing folder>/missing' reads as a Hub id too; it is reported as a missing folder, and not
+    as a Hub id that could not be reached (the message for Hub ids with HF_HUB_OFFLINE, set here)."""
     monkeypatch.chdir(folders)
     for location in ("digits/no_such_model", "./no_such_model", "a/b/c"):
         code, _, err = run_in_process(capsys, "explain", location, folders / "digits" / "digit_0.png")
