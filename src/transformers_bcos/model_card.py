@@ -211,7 +211,7 @@ def _source_reference(source: Optional[str]) -> Optional[str]:
 # The card of a model published before any evaluation (`render_model_card(folder, None)`).
 NOT_MEASURED = "not measured"
 UNMEASURED_DESCRIPTION = (
-    "no data: **no measurements were made**; this model was published before any evaluation "
+    "any data: not measured. **No measurements were made**: this model was published before any evaluation "
     "(`transformers-bcos evaluate MODEL --dataset DATA --save` measures it and renders this card again)"
 )
 
