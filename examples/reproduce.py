@@ -637,8 +637,16 @@ def machine() -> dict:
     }
 
 
+TINY_NOTICE = (
+    "--tiny is a smoke test (a few hundred images, 1 + 4 epochs, a handful of grids): its numbers mean nothing, "
+    "ViT rows can be below chance. Run without --tiny for the measurements."
+)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tiny:
+        print(TINY_NOTICE, flush=True)
     # The GridPG reports (how many grids, from how many confident images) are logged by the library.
     logging.getLogger("transformers_bcos.evaluation").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
@@ -682,6 +690,8 @@ def main(argv=None) -> dict:
         f.write("\n")
     print(table)
     print(f"Wrote {args.output_dir}/results.md, results.json and {len(figures)} figures in {results['total_seconds'] / 60:.1f} min.")
+    if args.tiny:
+        print(TINY_NOTICE)
     return results
 
 

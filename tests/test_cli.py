@@ -16,10 +16,10 @@ from test_clip import character_tokenizer, clip_image_processor, tiny_clip
 
 from transformers_bcos.cli import EXAMPLE_IMAGE, main
 from transformers_bcos.model_card import EVALUATION_FILE, render_model_card, validate_model_card
-from transformers_bcos.visualization import explanation_panels
+from transformers_bcos.visualization import CELL_SIZE, GAP, HEADER_HEIGHT, LEGEND_HEIGHT, TITLE_HEIGHT, explanation_panels
 
-# explanation_panels' default layout: three 192-px cells, 4-px gaps, a 24-px title bar.
-PANEL_SIZE = (3 * 192 + 2 * 4, 192 + 24)
+# explanation_panels' default layout: three cells with gaps, under a title bar and column labels, above a colour scale.
+PANEL_SIZE = (3 * CELL_SIZE + 2 * GAP, TITLE_HEIGHT + HEADER_HEIGHT + CELL_SIZE + LEGEND_HEIGHT)
 REQUIRED_TAGS = {"b-cos", "interpretability", "explainability"}
 
 
@@ -127,6 +127,7 @@ def test_convert_then_explain_writes_panels_of_the_expected_size(converted, digi
         # Each image: its panel, three ranked predictions and the explained class.
         block = result.stdout.split(f"{path} -> ")[1].splitlines()
         assert [line.strip().split(".")[0] for line in block[1:4]] == ["1", "2", "3"]
+        assert all(" score " in line for line in block[1:4])
         assert block[4].strip().startswith("explained class_1: contributions sum to")
 
 
@@ -143,8 +144,8 @@ def test_panel_shows_the_explanation_of_the_target(converted, digit_files, tmp_p
     explanation = model.explain(pixel_values, target=2)
     with Image.open(tmp_path / (os.path.splitext(os.path.basename(digit_files[0]))[0] + ".png")) as written:
         expected = explanation_panels(pixel_values, explanation, ["x"])[0]
-        # Compare the three cells below the title bar.
-        box = (0, 24, PANEL_SIZE[0], PANEL_SIZE[1])
+        # Compare everything below the title bar.
+        box = (0, TITLE_HEIGHT, PANEL_SIZE[0], PANEL_SIZE[1])
         np.testing.assert_array_equal(np.asarray(written.convert("RGB").crop(box)), np.asarray(expected.crop(box)))
 
 
@@ -268,7 +269,7 @@ BAD_INPUT = {
     "convert: missing source": (lambda f: ["convert", f.bad / "missing", f.tmp / "out"], "no such folder"),
     "convert: source is a file": (lambda f: ["convert", f.bad / "a_file.txt", f.tmp / "out"], "is a file"),
     "convert: non-empty output": (lambda f: ["convert", f.source, f.bad / "non_empty"], "exists and is not empty"),
-    "convert: wrong model type": (lambda f: ["convert", f.converted, f.tmp / "out"], "Unsupported architecture 'bcos'"),
+    "convert: wrong model type": (lambda f: ["convert", f.converted, f.tmp / "out"], "is already a B-cos model (model_type 'bcos')"),
     "convert: bad exponent": (lambda f: ["convert", f.source, f.tmp / "out", "--b", "-2"], "must be a finite number > 0"),
     # explain
     "explain: missing image": (lambda f: ["explain", f.converted, f.bad / "missing.png"], "not found"),
@@ -293,7 +294,6 @@ BAD_INPUT = {
     "push: repository id without owner": (lambda f: ["push", f.converted, "name", "--dry-run"], "must read ORG/NAME"),
     "push: wrong model type": (lambda f: ["push", f.source, "me/model", "--dry-run"], "not a B-cos model"),
     "push: missing folder": (lambda f: ["push", f.bad / "missing", "me/model", "--dry-run"], "is not a folder"),
-    "push: no card and no numbers": (lambda f: ["push", f.fresh, "me/model", "--dry-run"], "has no model card"),
     "push: non-empty staging folder": (
         lambda f: ["push", f.fresh, "me/model", "--dry-run", "--staging-dir", f.bad / "non_empty"], "exists and is not empty"
     ),
@@ -337,7 +337,7 @@ def test_bad_input_through_the_console_command(inputs):
 
 
 def test_push_without_network_fails_in_one_line_after_checking(evaluated, capsys):
-    """A real upload (offline here) stages and checks first, then reports the Hub error in one line."""
+    """A real upload with the Hub offline (HF_HUB_OFFLINE here) stops in one line before any staging."""
     code, _, err = run_in_process(capsys, "push", evaluated[0], "someone/bcos-tiny-resnet")
     assert_one_line_error(code, err, "offline")
 

@@ -34,7 +34,7 @@ def test_epochs_to_reach_takes_the_first_point_at_or_above_the_target():
     assert reproduce.epochs_to_reach(curve, 0.99) is None
 
 
-def test_tiny_reproduction_writes_tables_json_and_plots(tmp_path, monkeypatch):
+def test_tiny_reproduction_writes_tables_json_and_plots(tmp_path, monkeypatch, capsys):
     # Real standard sources, trained by transformers_bcos.defaults into a temporary cache, with
     # one epoch instead of the recipe's 5/20 to fit the CI budget.
     monkeypatch.setenv("TRANSFORMERS_BCOS_CACHE", str(tmp_path / "cache"))
@@ -42,7 +42,10 @@ def test_tiny_reproduction_writes_tables_json_and_plots(tmp_path, monkeypatch):
         monkeypatch.setitem(STANDARD_MODEL_RECIPES[family], "epochs", 1)
     torch.set_num_threads(1)
     output_dir = tmp_path / "reproduce"
-    results = _load_reproduce().main(["--tiny", "--output_dir", str(output_dir), "--no_progress"])
+    reproduce = _load_reproduce()
+    results = reproduce.main(["--tiny", "--output_dir", str(output_dir), "--no_progress"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(reproduce.TINY_NOTICE) and printed.rstrip().endswith(reproduce.TINY_NOTICE)
 
     table = (output_dir / "results.md").read_text()
     assert "**Accuracy and training speed**" in table and "**GridPG 2×2**" in table and "training-size windows" in table

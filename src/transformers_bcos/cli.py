@@ -61,6 +61,20 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
+def looks_like_local_path(location: str) -> bool:
+    """Whether ``location`` names a local path rather than a Hub id, even though it does not exist.
+
+    "org/name" reads as both; it is taken as a path when it has more than one "/", a trailing "/"
+    or a backslash, or when its first part is an existing local folder ("outputs/bcos-mnist" with
+    an "outputs" folder here), so that a mistyped path is "not found" at once instead of being
+    looked up on the Hub first (seconds of retries, longer offline).
+    """
+    if location.endswith(("/", os.sep)) or "\\" in location or location.count("/") > 1:
+        return True
+    first, _, rest = location.partition("/")
+    return bool(rest) and os.path.isdir(os.path.expanduser(first))
+
+
 def check_model_location(location: str, role: str = "MODEL") -> None:
     """A local model folder must exist and hold config.json; anything else is tried as a Hub id."""
     from huggingface_hub import constants
@@ -76,6 +90,8 @@ def check_model_location(location: str, role: str = "MODEL") -> None:
         check_weight_files(path)
     elif os.path.exists(path):
         raise CLIError(f"{role} {location} is a file; expected a model folder or a Hub id.")
+    elif looks_like_local_path(location):
+        raise CLIError(f"{role} {location}: no such folder.")
     elif not is_hub_repo_id(location):
         raise CLIError(f"{role} {location}: no such folder, and not a Hub id either.")
     elif constants.HF_HUB_OFFLINE:
@@ -124,6 +140,26 @@ def save_png_atomically(image, path: str) -> None:
             os.remove(temporary)
 
 
+def expand_image_arguments(paths) -> list:
+    """The image files named on the command line, a folder standing for the image files in it."""
+    from PIL import Image
+
+    extensions = {extension for extension, format in Image.registered_extensions().items() if format in Image.OPEN}
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(
+            os.path.join(path, name) for name in os.listdir(path)
+            if os.path.isfile(os.path.join(path, name)) and os.path.splitext(name)[1].lower() in extensions
+        )
+        if not found:
+            raise CLIError(f"image {path} is a folder with no image files in it; give image files, or a folder of images.")
+        files.extend(found)
+    return files
+
+
 def read_image(path: str):
     """The image at ``path`` as 8-bit RGB, or a CLIError naming why it cannot be read."""
     from PIL import Image
@@ -169,13 +205,58 @@ def first_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+IMAGENET_NORMALISATION = "--image-mean 0.485 0.456 0.406 --image-std 0.229 0.224 0.225"
+
+
+def source_image_processor(args, config):
+    """The processor whose normalisation `convert` folds into the first layer: --image-processor,
+    else the source's own, with --image-mean/--image-std if given (a resize to the model's size
+    and those values when the source has no processor)."""
+    from ._compat import AutoImageProcessor, ViTImageProcessor
+
+    if (args.image_mean is None) != (args.image_std is None):
+        raise CLIError("--image-mean and --image-std go together: give both (three numbers each, R G B).")
+    if args.image_processor is not None:
+        try:
+            return AutoImageProcessor.from_pretrained(os.path.expanduser(args.image_processor))
+        except (OSError, ValueError) as error:
+            raise CLIError(f"--image-processor {args.image_processor}: no image processor there ({first_line(error)}).") from None
+    try:
+        processor = AutoImageProcessor.from_pretrained(args.src)
+    except (OSError, ValueError):
+        processor = None
+    if args.image_mean is None:
+        if processor is None:
+            raise CLIError(
+                f"SRC {args.src} has no image processor (preprocessor_config.json), so the input normalisation to fold "
+                f"into the first layer is unknown: give the one it was trained with, e.g. {IMAGENET_NORMALISATION}, "
+                "or --image-processor FOLDER."
+            )
+        return processor
+    if processor is None:
+        vision_config = getattr(config, "vision_config", config)
+        size = getattr(vision_config, "image_size", None) or 224
+        return ViTImageProcessor(size={"height": size, "width": size}, do_normalize=True, image_mean=args.image_mean, image_std=args.image_std)
+    processor.do_normalize, processor.image_mean, processor.image_std = True, list(args.image_mean), list(args.image_std)
+    return processor
+
+
 def run_convert(args) -> None:
+    from transformers import AutoConfig
+
     from .conversion import bcosify_pretrained
 
     check_model_location(args.src, "SRC")
     out = os.path.abspath(os.path.expanduser(args.out))
     check_output_folder(out, args.overwrite)
-    model = bcosify_pretrained(args.src, b=args.b, keep_bias=args.keep_bias)
+    config = AutoConfig.from_pretrained(args.src)
+    if config.model_type in BCOS_MODEL_TYPES:
+        raise CLIError(
+            f"SRC {args.src} is already a B-cos model (model_type {config.model_type!r}): explain, evaluate or fine-tune "
+            "it as it is; convert takes a standard model."
+        )
+    processor = source_image_processor(args, config)
+    model = bcosify_pretrained(args.src, b=args.b, keep_bias=args.keep_bias, image_processor=processor)
     write_folder_atomically(out, model.save_pretrained)
     kind = "CLIP image tower" if model.config.model_type == "bcos_clip" else f"{model.config.backbone_config.model_type} classifier"
     print(f"B-cosified {args.src} ({kind}, b={args.b:g}, biases {'kept' if args.keep_bias else 'removed'}) -> {out}")
@@ -263,6 +344,7 @@ def run_explain(args) -> None:
 
     from .visualization import explanation_panels
 
+    args.images = expand_image_arguments(args.images)
     images = [read_image(path) for path in args.images]
     out_dir = os.path.abspath(os.path.expanduser(args.out))
     if os.path.isfile(out_dir):
@@ -287,6 +369,14 @@ def run_explain(args) -> None:
             raise CLIError("--text holds the same prompt twice.")
         target = parse_prompt_target(args.target, prompts)
     os.makedirs(out_dir, exist_ok=True)
+    if prompts is not None:
+        scores_name = "softmax over the --text prompts"
+    elif model.config.problem_type == "multi_label_classification":
+        scores_name = "sigmoid of each class's logit, independent per class as in B-cos training: they need not sum to 1"
+    else:
+        scores_name = "softmax over the classes"
+    print(f"scores: {scores_name}")
+    score_kind = scores_name.split()[0]
 
     for start in range(0, len(images), EXPLAIN_BATCH_SIZE):
         batch = slice(start, start + EXPLAIN_BATCH_SIZE)
@@ -294,7 +384,7 @@ def run_explain(args) -> None:
         explanation, scores, names = explain_batch(model, pixel_values, target, prompts)
         top = torch.topk(scores, k=min(args.top_k, scores.shape[-1]), dim=-1)
         titles = [
-            f"predicted: {names[int(top.indices[i, 0])]} ({float(top.values[i, 0]):.2f})   "
+            f"predicted: {names[int(top.indices[i, 0])]} ({score_kind} {float(top.values[i, 0]):.2f})   "
             f"explained: {names[int(explanation.target[i])]}"
             for i in range(pixel_values.shape[0])
         ]
@@ -306,7 +396,7 @@ def run_explain(args) -> None:
             output = float(explanation.explained_output[i])
             print(f"{image_path} -> {destination}")
             for rank, (score, index) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist()), start=1):
-                print(f"  {rank}. {names[index]}  {score:.3f}")
+                print(f"  {rank}. {names[index]}  score {score:.3f}")
             what = "cosine" if prompts is not None else "logit - logit bias"
             print(f"  explained {names[explained]}: contributions sum to {total:.6g}, {what} {output:.6g}")
 
@@ -553,7 +643,8 @@ def stage_upload(folder: str, staging: str, repo_id: str, license) -> list:
 
     The card is the folder's README.md, unless that was rendered from an evaluation (then it is
     rendered again here, for ``repo_id``); without a README.md it is rendered from the folder's
-    `EVALUATION_FILE`. Returns the staged file names.
+    `EVALUATION_FILE`, or, when there is none, as a card that says no measurements were made (with
+    a warning). Returns the staged file names.
     """
     from .model_card import EVALUATION_FILE, is_rendered_card, local_pictures, render_model_card
 
@@ -563,18 +654,23 @@ def stage_upload(folder: str, staging: str, repo_id: str, license) -> list:
     readme = os.path.join(folder, "README.md")
     evaluation = os.path.join(folder, EVALUATION_FILE)
     render = not os.path.isfile(readme) or (is_rendered_card(readme) and os.path.isfile(evaluation))
-    if render and not os.path.isfile(evaluation):
-        raise CLIError(
-            f"{folder} has no model card (README.md) and no measured numbers ({EVALUATION_FILE}): run "
-            f"`transformers-bcos evaluate {folder} --dataset DATA --save` first."
+    measured = os.path.isfile(evaluation)
+    if render and not measured:
+        # Hub users share models at any stage: the card then says that nothing was measured.
+        print(
+            f"warning: {folder} was never evaluated (no {EVALUATION_FILE}): its model card says no measurements were "
+            f"made; `transformers-bcos evaluate {folder} --dataset DATA --save` adds them.",
+            file=sys.stderr,
         )
     for name in files:
         if not (render and name == "README.md"):
             shutil.copy2(os.path.join(folder, name), os.path.join(staging, name))
     if render:
-        with open(evaluation, encoding="utf-8") as f:
-            metrics = json.load(f)
-        pictures = [metrics.get("example_image")] if metrics.get("example_image") else []
+        metrics = None
+        if measured:
+            with open(evaluation, encoding="utf-8") as f:
+                metrics = json.load(f)
+        pictures = [metrics.get("example_image")] if metrics and metrics.get("example_image") else []
     else:
         with open(readme, encoding="utf-8") as f:
             pictures = local_pictures(f.read())
@@ -599,6 +695,27 @@ def check_repo_id(repo_id: str) -> None:
         raise CLIError(f"repository id {repo_id!r} must read ORG/NAME (your user name or an organisation).")
 
 
+def check_hub_access() -> None:
+    """Before any staging: a token, and a Hub that answers (one short request, no retries)."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        raise CLIError("the Hub is offline here (HF_HUB_OFFLINE is set): unset it to upload, or check the upload with --dry-run.")
+    token = get_token()
+    if token is None:
+        raise CLIError("no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN) to upload, or check the upload with --dry-run.")
+    try:
+        HfApi().whoami(token=token)
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise CLIError("the Hugging Face token was refused (401): log in again with `hf auth login`.") from None
+        raise CLIError(f"the Hub at {constants.ENDPOINT} answered with an error: {first_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - transport errors are httpx's (hub 1.x) or httpx2's (hub 2.x)
+        raise CLIError(f"cannot reach the Hub at {constants.ENDPOINT}: {first_line(error)}") from None
+
+
 def run_push(args) -> None:
     from .model_card import read_model_config, validate_model_card
 
@@ -607,6 +724,8 @@ def run_push(args) -> None:
     if not os.path.isdir(folder):
         raise CLIError(f"DIR {args.dir} is not a folder.")
     read_model_config(folder)
+    if not args.dry_run:
+        check_hub_access()
     if args.staging_dir is not None:
         staging = os.path.abspath(os.path.expanduser(args.staging_dir))
         check_output_folder(staging, overwrite=False)
@@ -695,6 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--b", type=positive_float, default=2.0, help="The B-cos exponent (default: 2).")
     convert.add_argument("--keep-bias", action="store_true", help="Keep biases and batch-norm centring (with --b 1: the source model exactly).")
     convert.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
+    convert.add_argument("--image-processor", metavar="FOLDER", default=None,
+                         help="Where the source's image processor is, if SRC has none (a folder or Hub id).")
+    convert.add_argument("--image-mean", metavar="X", type=float, nargs=3, default=None,
+                         help="The per-channel mean (R G B) the source normalises with; overrides the processor's.")
+    convert.add_argument("--image-std", metavar="X", type=positive_float, nargs=3, default=None,
+                         help="The per-channel std (R G B) the source normalises with; overrides the processor's.")
     convert.set_defaults(run=run_convert)
 
     explain = commands.add_parser(
@@ -703,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
         "name>.png: input | explanation (RGBA) | contribution map, titled with the predicted and explained class.",
     )
     explain.add_argument("model", metavar="MODEL", help="A saved B-cos model: folder or Hub id.")
-    explain.add_argument("images", metavar="IMAGE", nargs="+", help="Image files.")
+    explain.add_argument("images", metavar="IMAGE", nargs="+", help="Image files, or folders: every image file in them.")
     explain.add_argument("--target", metavar="LABEL|INDEX", help="The class to explain (default: the prediction). CLIP: a --text prompt or its index.")
     explain.add_argument("--text", metavar="PROMPT", nargs="+", help="B-cos CLIP: texts to compare each image with; explains the image-text cosine.")
     explain.add_argument("--out", metavar="DIR", default="explanations", help="Output folder (default: ./explanations).")

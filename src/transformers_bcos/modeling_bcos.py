@@ -56,17 +56,19 @@ def _bcos_kwargs(config: BcosConfig) -> dict:
 
 
 def bcos_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy against one-hot targets whose off-labels are 1/C (the B-cos loss).
+    """Binary cross-entropy against targets whose off-labels are 1/C (the B-cos loss).
 
-    ``labels`` holds class indices (N,) or target probabilities (N, C) (e.g. from mixup).
+    ``labels`` holds class indices (N,) or target probabilities (N, C) (e.g. from mixup). Either
+    way every target is floored at 1/C, as in the B-cos reference (``UniformOffLabelsBCEWithLogitsLoss``):
+    a one-hot target becomes 1 on its class and 1/C elsewhere, and a soft target's small entries
+    are raised to 1/C.
     """
     num_classes = logits.shape[-1]
     if labels.dim() == logits.dim():
-        targets = labels.to(logits.dtype)
+        targets = labels.float()
     else:
-        one_hot = F.one_hot(labels.long(), num_classes).to(logits.dtype)
-        targets = one_hot + (1.0 - one_hot) / num_classes
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+        targets = F.one_hot(labels.long(), num_classes).float()
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.clamp_min(1.0 / num_classes))
 
 
 class DropPath(nn.Module):

@@ -224,6 +224,8 @@ def check_conversion_arguments(b, keep_bias) -> None:
 
 
 def _check_model_type(model_type: str, where: str) -> None:
+    if model_type in ("bcos", "bcos_clip"):
+        raise ValueError(f"{where} is already a B-cos model (model_type {model_type!r}): use it as it is.")
     if model_type not in SUPPORTED_BACKBONES:
         raise ValueError(
             f"Unsupported architecture {model_type!r} ({where}). Supported: {_supported_names()}."
