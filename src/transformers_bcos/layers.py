@@ -125,6 +125,11 @@ class _SquareScale(torch.autograd.Function):
 
     With ``overwrite`` (the layers' own call, where out is their temporary) y is written over out:
     no allocation of a fresh activation (whose first touch costs page faults) and one pass less.
+
+    For NaN, ±inf, zeros and ties the gradients are those of autograd through out·|out|·inv_norm
+    (tests/test_fault_injection_layers.py), except towards inv_norm where it is 0 or NaN, which
+    only an input holding a NaN, an infinity or a value whose square overflows makes: there
+    out|out| = y/inv_norm is lost (see backward), and the whole layer's gradients are autograd's.
     """
 
     @staticmethod
@@ -142,6 +147,10 @@ class _SquareScale(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         y, inv_norm = ctx.saved_tensors
+        # Where i = 0, y is 0 (finite out) or NaN, and out|out| = y/i is lost: dividing by 1 there
+        # gives the gradient to i as 0 or NaN, which the only producer of i, rsqrt's backward,
+        # multiplies by i³ = 0 as it does autograd's Σ g·out|out| (0/0 gave NaN for a finite out).
+        inv_norm = inv_norm.masked_fill(inv_norm == 0, 1.0)
         grad_out = _output_buffer(y, grad.dtype)
         # d(out|out|·i)/di = y/i: Σ g·y over the dims i broadcasts along, divided by i afterwards.
         summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[1] else []
@@ -178,11 +187,12 @@ class _RecomputedSquareScaleLinear(torch.autograd.Function):
         device_type, dtype, enabled = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             response = F.linear(x, weight, bias)
-            # d(r|r|·i)/di = r|r|: Σ g·r|r| over the features.
+            # d(r|r|·i)/di = r|r|: Σ g·r|r| over the features, r|r| formed first as autograd of
+            # the definition does (g·r first can stay finite where r|r| overflows).
             summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[3] else []
             for r, g, n, *s in _sliced(response, grad, inv_norm, *summed):
                 if s:
-                    s[0].add_((g * r * r.abs()).sum(-1, keepdim=True))
+                    s[0].add_((g * (r * r.abs())).sum(-1, keepdim=True))
                 r.abs_().mul_(n).mul_(g).mul_(2.0)  # in place: dL/dr = 2·g·|r|·i
             grads = _linear_gradients(response, x, weight, ctx.needs_input_grad[:3])
         return (*grads, summed[0] if summed else None)
@@ -837,27 +847,42 @@ def _max_along(x: torch.Tensor, dim: int, kernel_size: int, stride: int, length:
     return maximum, index
 
 
+def _pooled_sizes(x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> tuple:
+    """(height, width) of max pooling's output, without ceil mode."""
+    return tuple((size + 2 * padding - kernel_size) // stride + 1 for size in x.shape[-2:])
+
+
 class _SeparableMaxPool(torch.autograd.Function):
     """2-D max pooling as a max over rows, then over columns, for square windows without dilation.
 
     The values are max_pool2d's; so are the indices of each window's first maximum (row-major),
-    from which max_pool2d's own backward kernel routes the gradient.
+    from which max_pool2d's own backward kernel routes the gradient. Windows with a NaN or only
+    -inf take their indices from max_pool2d itself.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
         with_indices = ctx.needs_input_grad[0]
         padded = F.pad(x, (padding,) * 4, value=-math.inf) if padding else x
-        out_h, out_w = ((size + 2 * padding - kernel_size) // stride + 1 for size in x.shape[-2:])
+        out_h, out_w = _pooled_sizes(x, kernel_size, stride, padding)
         rows, column_tap = _max_along(padded, 3, kernel_size, stride, out_w, with_indices)
         out, row_tap = _max_along(rows, 2, kernel_size, stride, out_h, with_indices)
         if with_indices:
-            # Padded row and column of each window's first maximum: the row's first, in the first
-            # row that holds it (column_tap has one entry per padded row).
-            window_starts = torch.arange(0, stride * max(out_h, out_w), stride, device=x.device)
-            row = row_tap.long().add_(window_starts[:out_h].view(-1, 1))
-            column = column_tap.gather(2, row).long().add_(window_starts[:out_w])
-            indices = row.sub_(padding).mul_(x.shape[-1]).add_(column).sub_(padding)
+            if out.amin() > -math.inf:
+                # Padded row and column of each window's first maximum: the row's first, in the
+                # first row that holds it (column_tap has one entry per padded row).
+                window_starts = torch.arange(0, stride * max(out_h, out_w), stride, device=x.device)
+                row = row_tap.long().add_(window_starts[:out_h].view(-1, 1))
+                column = column_tap.gather(2, row).long().add_(window_starts[:out_w])
+                indices = row.sub_(padding).mul_(x.shape[-1]).add_(column).sub_(padding)
+            else:
+                # A window holding a NaN or only -inf (a diverging model): max_pool2d's kernel
+                # selects the last NaN (each NaN replaces its running maximum) or the first element
+                # inside the image, where the comparisons above keep an earlier tap or the -inf
+                # padding, an index outside the image that the backward kernel would write to.
+                # The values agree; the indices come from the native kernel. Telling costs one
+                # reduction over the output.
+                indices = torch.ops.aten.max_pool2d_with_indices(x, [kernel_size] * 2, [stride] * 2, [padding] * 2)[1]
             ctx.save_for_backward(x, indices)
             ctx.geometry = (kernel_size, stride, padding)
         return out
@@ -887,7 +912,13 @@ class SeparableMaxPool2d(nn.MaxPool2d):
     def _separable(self, x: torch.Tensor) -> bool:
         square = all(isinstance(v, int) for v in (self.kernel_size, self.stride, self.padding))
         plain = square and self.dilation == 1 and not self.ceil_mode and not self.return_indices
-        return plain and x.device.type == "cpu" and x.dim() == 4 and not torch.compiler.is_compiling()
+        usual = x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.numel() > 0
+        if not (plain and usual) or torch.compiler.is_compiling():
+            return False
+        # Geometries the native kernel refuses go to it for its error message; the taps of a
+        # window are counted in uint8.
+        valid = 0 < self.kernel_size <= 256 and self.stride > 0 and 0 <= self.padding <= self.kernel_size // 2
+        return valid and min(_pooled_sizes(x, self.kernel_size, self.stride, self.padding)) > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._separable(x):
