@@ -147,15 +147,17 @@ class _SquareScale(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         y, inv_norm = ctx.saved_tensors
-        # Where i = 0, y is 0 (finite out) or NaN, and out|out| = y/i is lost: dividing by 1 there
-        # gives the gradient to i as 0 or NaN, which the only producer of i, rsqrt's backward,
-        # multiplies by i³ = 0 as it does autograd's Σ g·out|out| (0/0 gave NaN for a finite out).
-        inv_norm = inv_norm.masked_fill(inv_norm == 0, 1.0)
+        # Where i = 0, y is 0 (finite out) or NaN, and out|out| = y/i is lost; 0/0 made the
+        # gradient to i NaN even for a finite out. Dividing by the smallest normal number instead
+        # gives 0 or NaN, which the only producer of i, rsqrt's backward, multiplies by i³ = 0 as
+        # it does autograd's Σ g·out|out|. No other i changes: i = 1/sqrt(Σx² + eps) is at least
+        # 1/sqrt(largest number) of its dtype, far above the smallest normal one.
+        inv_norm = inv_norm.clamp_min(torch.finfo(inv_norm.dtype).tiny)
         grad_out = _output_buffer(y, grad.dtype)
         # d(out|out|·i)/di = y/i: Σ g·y over the dims i broadcasts along, divided by i afterwards.
         summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[1] else []
-        for t, g, gy, n4, *s in _sliced(y, grad, grad_out, 4 * inv_norm, *summed):
-            torch.mul(t, n4, out=gy).abs_().sqrt_().mul_(g)  # 2·g·|out|·i = g·sqrt(4·|y|·i)
+        for t, g, gy, n, *s in _sliced(y, grad, grad_out, inv_norm, *summed):
+            torch.mul(t, n, out=gy).abs_().sqrt_().mul_(g).mul_(2.0)  # 2·g·|out|·i = 2·g·sqrt(|y|·i)
             if s:
                 s[0].add_((g * t).sum_to_size(s[0].shape))
         grad_inv_norm = summed[0].div_(inv_norm) if summed else None
