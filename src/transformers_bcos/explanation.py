@@ -7,6 +7,8 @@ This file travels with saved checkpoints (``trust_remote_code``): it imports tor
 transformers and the standard library only.
 """
 
+import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -81,10 +83,17 @@ def dynamic_linear_weights(
     """Run ``model`` in explanation mode and return ``(W(x), y, aux)``.
 
     ``explained_output(x6)`` returns ``(y, aux)`` with y of shape (N, ...): one scalar per image
-    and output slot, each depending on its own image only. The gradient of the sum of y over a
-    batch is therefore every image's W(x) at once, and it is taken with respect to the input
-    only: no parameter gradient is accumulated. For several outputs per image (N, T), the
+    and output slot, each depending on its own image only. The gradient of a weighted sum of y
+    over a batch is therefore every image's W(x) at once (times its weight), and it is taken with
+    respect to the input only: no parameter gradient is accumulated. For several outputs per image (N, T), the
     weights come back as (N, T, C, H, W), one backward pass per slot.
+
+    Each image's output is weighted by the power of two 2^-k that brings it into [0.5, 1)
+    (`_unit_seeds`), and W(x) divided by it afterwards: exact in binary floating point,
+    and the gradients inside the network then have the magnitudes of a unit output whatever the
+    model's output scale (a freshly converted model's 1e-5 would otherwise put W(x) below the
+    smallest float16 number). W(x) and y come back in at least float32, so that the contributions
+    summed from them lose nothing more to rounding.
     """
     was_training = model.training
     # Only the input needs a gradient: with the parameters frozen meanwhile, autograd keeps no
@@ -97,20 +106,45 @@ def dynamic_linear_weights(
         with torch.enable_grad(), explanation_mode(model):
             x = encoded_inputs.detach().requires_grad_(True)
             y, aux = explained_output(x)
-            if y.dim() == 1:
-                (weights,) = torch.autograd.grad(y.sum(), x)
-            else:
-                flat = y.reshape(y.shape[0], -1)
-                slots = []
-                for j in range(flat.shape[1]):
-                    (w,) = torch.autograd.grad(flat[:, j].sum(), x, retain_graph=j + 1 < flat.shape[1])
-                    slots.append(w)
-                weights = torch.stack(slots, dim=1).reshape(*y.shape, *x.shape[1:])
+            _warn_below_float16_range(y.detach())
+            flat = y.reshape(y.shape[0], -1)
+            seeds = _unit_seeds(flat.detach())
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            slots = []
+            for j in range(flat.shape[1]):
+                (w,) = torch.autograd.grad(flat[:, j], x, seeds[:, j], retain_graph=j + 1 < flat.shape[1])
+                slots.append(w.to(dtype).div_(seeds[:, j].to(dtype).view(-1, *[1] * (x.dim() - 1))))
+            weights = torch.stack(slots, dim=1).reshape(*y.shape, *x.shape[1:])
     finally:
         for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
-    return weights.detach(), y.detach(), aux
+    return weights.detach(), y.detach().to(dtype), aux
+
+
+def _warn_below_float16_range(y: torch.Tensor) -> None:
+    """float16 holds numbers below its smallest normal one, 6.1e-5, with few significant bits:
+    an explained output there (a freshly converted model's often is) and its contributions can
+    differ by tens of percent. Said, since nothing else shows it."""
+    if y.dtype != torch.float16:
+        return
+    small = int((y.abs() < torch.finfo(torch.float16).tiny).sum())
+    if small:
+        warnings.warn(
+            f"{small} of {y.numel()} explained outputs lie below float16's smallest normal number (6.1e-05), "
+            "where it keeps few digits: their contributions may miss them by tens of percent. Explain in "
+            "bfloat16 or float32 for exact sums.",
+            stacklevel=4,
+        )
+
+
+def _unit_seeds(y: torch.Tensor) -> torch.Tensor:
+    """Powers of two 2^-k, in y's dtype, with |y|·2^-k in [0.5, 1) where y is finite and not 0
+    (1 elsewhere), the exponent bounded so that the seed itself is a finite number of the dtype."""
+    _, exponent = torch.frexp(y)
+    largest = math.frexp(torch.finfo(y.dtype).max)[1] - 1
+    exponent = exponent.neg_().clamp_(-largest, largest).masked_fill_(~torch.isfinite(y) | (y == 0), 0)
+    return torch.pow(2.0, exponent.double()).to(y.dtype)
 
 
 def rgba_explanation(weights: torch.Tensor, encoded_inputs: torch.Tensor, smoothing: Optional[int] = None, percentile: float = 99.5) -> torch.Tensor:
@@ -148,7 +182,8 @@ class BcosExplanationOutput(ModelOutput):
         dynamic_linear_weights: (N, 6, H, W) W(x), the gradient of the explained output with
             respect to the encoded input [r, g, b, 1-r, 1-g, 1-b].
         target: (N,) the explained class of each image.
-        explained_output: (N,) the explained scalar: the target's logit minus the fixed logit bias.
+        explained_output: (N,) the explained scalar: the target's logit without the fixed logit
+            bias (the model's ``bias_free_logits``, never a difference with the bias).
         logits: (N, C) the model's logits.
         encoded_pixel_values: (N, 6, H, W) the explained input in the 6-channel encoding.
     """

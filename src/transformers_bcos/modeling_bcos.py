@@ -13,6 +13,7 @@ transformers and the standard library only.
 import copy
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -545,6 +546,21 @@ def check_labels(labels, batch_size: int, num_labels: int) -> None:
         )
 
 
+@dataclass
+class BcosImageClassifierOutput(ImageClassifierOutput):
+    """`ImageClassifierOutput` plus the logits before the fixed logit bias is added.
+
+    Args:
+        bias_free_logits: (N, C) W(x)·x, what `explain()` explains: ``logits`` minus
+            ``config.logit_bias``, but not computed as that difference. A freshly converted or
+            randomly initialised model's W(x)·x can be 1e-5 or 1e-9 next to a bias of -log(C-1)
+            (-1.39 for 5 classes), where ``logits - logit_bias`` in float32 keeps few or none of
+            its digits.
+    """
+
+    bias_free_logits: Optional[torch.FloatTensor] = None
+
+
 class BcosForImageClassification(BcosPreTrainedModel):
     """A B-cos image classifier: ``logits = W(x)·x + logit_bias``, explained by `explain()`."""
 
@@ -603,7 +619,8 @@ class BcosForImageClassification(BcosPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         features, hidden_states = self.backbone(x.to(self.classifier.weight.dtype), output_hidden_states)
-        logits = self.backbone.pool(features, self.classifier) + self.config.logit_bias
+        bias_free_logits = self.backbone.pool(features, self.classifier)
+        logits = bias_free_logits + self.config.logit_bias
         loss = None
         if labels is not None:
             if not torch.compiler.is_compiling():
@@ -612,7 +629,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         if not return_dict:
             output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return BcosImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, bias_free_logits=bias_free_logits)
 
     def explain(
         self,
@@ -628,12 +645,15 @@ class BcosForImageClassification(BcosPreTrainedModel):
                 every image, or a sequence/tensor of N of them.
 
         Returns:
-            A `BcosExplanationOutput`. ``explained_output`` is the target's logit minus the fixed
-            ``config.logit_bias``; ``contributions`` (N, H, W) sum to it exactly when the model has
-            no additive terms (``use_bias=False``, the B-cos default). The class token and the
-            position embeddings are attributed uniformly to the pixels of the image / of their
-            patch (see `BcosViTEmbeddings`), so they do not break completeness.
-            The model's train/eval mode is restored, and no gradient is left on it or the input.
+            A `BcosExplanationOutput`. ``explained_output`` is the target's logit without the fixed
+            ``config.logit_bias`` (read from ``bias_free_logits``, never computed as a difference);
+            ``contributions`` (N, H, W) sum to it exactly when the model has no additive terms
+            (``use_bias=False``, the B-cos default). The class token and the position embeddings
+            are attributed uniformly to the pixels of the image / of their patch (see
+            `BcosViTEmbeddings`), so they do not break completeness. Contributions, weights and
+            the explained output come in float32 for a half-precision model (see
+            `dynamic_linear_weights`). The model's train/eval mode is restored, and no gradient
+            is left on it or the input.
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         if target is not None:  # validate before any work
@@ -641,14 +661,14 @@ class BcosForImageClassification(BcosPreTrainedModel):
         x = x.to(self.classifier.weight.dtype)
 
         def explained_output(inputs):
-            logits = self(encoded_pixel_values=inputs).logits
-            targets = resolve_targets(target, logits.detach(), self.config.label2id)
-            output = logits.gather(1, targets[:, None]).squeeze(1) - self.config.logit_bias
-            return output, (logits.detach(), targets)
+            outputs = self(encoded_pixel_values=inputs)
+            logits = outputs.logits.detach()
+            targets = resolve_targets(target, logits, self.config.label2id)
+            return outputs.bias_free_logits.gather(1, targets[:, None]).squeeze(1), (logits, targets)
 
         weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output)
         return BcosExplanationOutput(
-            contributions=(weights * x).sum(1),
+            contributions=(weights * x.to(weights.dtype)).sum(1),
             dynamic_linear_weights=weights,
             target=targets,
             explained_output=output,

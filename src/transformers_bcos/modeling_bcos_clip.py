@@ -467,7 +467,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
 
         weights, output, (cosine, image_embeds) = dynamic_linear_weights(self, x, explained_output)
         return BcosCLIPExplanationOutput(
-            contributions=(weights * x[:, None]).sum(2),
+            contributions=(weights * x[:, None].to(weights.dtype)).sum(2),
             dynamic_linear_weights=weights,
             explained_output=output,
             cosine=cosine,
@@ -539,7 +539,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
         weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output)
         predictions = logits.argmax(dim=1)
         return BcosCLIPZeroShotOutput(
-            contributions=(weights * x).sum(1),
+            contributions=(weights * x.to(weights.dtype)).sum(1),
             dynamic_linear_weights=weights,
             target=targets,
             explained_output=output,
