@@ -114,7 +114,7 @@ def dynamic_linear_weights(
             for j in range(flat.shape[1]):
                 (w,) = torch.autograd.grad(flat[:, j], x, seeds[:, j], retain_graph=j + 1 < flat.shape[1])
                 slots.append(w.to(dtype).div_(seeds[:, j].to(dtype).view(-1, *[1] * (x.dim() - 1))))
-            weights = torch.stack(slots, dim=1).reshape(*y.shape, *x.shape[1:])
+            weights = (slots[0].unsqueeze(1) if len(slots) == 1 else torch.stack(slots, dim=1)).reshape(*y.shape, *x.shape[1:])
     finally:
         for p in trainable:
             p.requires_grad_(True)

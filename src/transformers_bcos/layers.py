@@ -906,9 +906,9 @@ class SeparableMaxPool2d(nn.MaxPool2d):
     Max pooling is piecewise linear (it selects), so it needs no explanation mode. On CPU the native
     kernel compares one element at a time: for ResNet's 3×3/2 pooling of the stem output the two
     vectorised passes take 11 ms against 49 ms forward, 30 ms against 52 ms with the backward pass
-    (batch 8, measured). The values and the gradients (to each window's first maximum) are those of
-    max_pool2d. Other devices, dilation, ceil_mode, returned indices and traced code take the native
-    kernel.
+    (batch 8, measured). The values, indices and gradients are those of max_pool2d for every input
+    (tests/test_fault_injection_layers.py). Other devices, dilation, ceil_mode, returned indices,
+    traced code and geometries max_pool2d refuses take the native kernel.
     """
 
     def _separable(self, x: torch.Tensor) -> bool:

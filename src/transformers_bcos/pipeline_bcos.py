@@ -115,7 +115,7 @@ class ImageExplanationPipeline(Pipeline):
         explanation: a PIL RGBA image (colour: the pixel's own colour channels in W(x); opacity:
             the norm of W(x) where the contribution is positive);
         contributions: an (H, W) float32 numpy array, W(x) ⊙ x summed over the input channels;
-        explained_output: the explained logit minus the model's fixed logit bias;
+        explained_output: the explained logit without the model's fixed logit bias;
         completeness_error: |Σ contributions − explained_output| (float32 round-off for B-cos
             models without biases).
     """

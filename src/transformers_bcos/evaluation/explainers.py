@@ -29,7 +29,7 @@ class Attribution:
     Attributes:
         maps: (N, H, W) attribution per pixel, summed over the input channels.
         explained_output: (N,) the scalar that a *complete* method's maps sum to (for B-cos: the
-            target logit minus the fixed logit bias; for Integrated Gradients: f(x) - f(baseline);
+            target logit without the fixed logit bias; for Integrated Gradients: f(x) - f(baseline);
             for input×gradient: the target logit, which its maps match only for bias-free
             piecewise-linear models), or None for methods that make no such claim (Grad-CAM).
     """
