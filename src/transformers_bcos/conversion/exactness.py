@@ -15,10 +15,15 @@ import torch
 from torch import nn
 
 from ..explanation import explanation_mode
+from ..layers import ExplainableModule
 
-# Relative errors in float64 are ~1e-15 for exact conversions; a module that breaks exactness
-# (a functional SiLU, a constant added after the embeddings) gives 1e-3 and more.
-TOLERANCE = 1e-6
+# Relative errors in float64 are ~1e-15 for exact conversions. A module that breaks exactness
+# can weigh little in a freshly converted model (B-cos layers shrink what passes through them):
+# DINOv2's SwiGLU MLPs in a tiny random model gave 3e-7.
+COMPLETENESS_TOLERANCE = 1e-10
+# b = 1 with biases against the source: the folded first layer is stored in the model's dtype,
+# whose rounding (6e-8 in float32) the float64 pass sees.
+EQUIVALENCE_TOLERANCE = 1e-6
 # The side of the random check image, where the model accepts other sizes than its own.
 CHECK_IMAGE_SIZE = 64
 
@@ -75,16 +80,18 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
             expected = reference((x - mean_t) / std_t).logits
             logits = check_model(x).logits
         errors["equivalence"] = relative_error(logits, expected, expected)
-    failed = {name: error for name, error in errors.items() if not error <= TOLERANCE}
-    if failed:
+    if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
         culprits = nonlinear_modules(check_model, check_model.encode_inputs(x))
         named = "; ".join(f"{name} ({kind}, relative error {error:.1e})" for name, kind, error in culprits) or "none found"
         raise ExactnessError(
-            f"The converted model is not exact: "
-            + ", ".join(f"{name} relative error {error:.1e}" for name, error in failed.items())
-            + f" (float64, tolerance {TOLERANCE:g}). Modules that are not linear in explanation mode: {named}. "
-            "A non-linearity written as a function in the source's forward has no B-cos rule; pass check=False to "
-            "keep the model anyway."
+            f"The converted model's explanations are not complete: relative error {errors['completeness']:.1e} (float64, "
+            f"tolerance {COMPLETENESS_TOLERANCE:g}). Modules that are not linear in explanation mode: {named}. A non-linearity "
+            "written as a function in the source's forward has no B-cos rule; pass check=False to keep the model anyway."
+        )
+    if not errors.get("equivalence", 0.0) <= EQUIVALENCE_TOLERANCE:
+        raise ExactnessError(
+            f"The converted model (b=1, keep_bias=True) does not reproduce the source: relative error of the logits "
+            f"{errors['equivalence']:.1e} (float64, tolerance {EQUIVALENCE_TOLERANCE:g})."
         )
     return errors
 
@@ -130,7 +137,10 @@ def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
         if module not in calls and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             calls[module] = (args, kwargs)
 
-    names = {module: name for name, module in model.named_modules() if name}
+    # Modules that a rule wrapped (the activation inside a gated activation) are checked as the
+    # wrapper, which is what the model runs.
+    wrapped = {id(inner) for outer in model.modules() if isinstance(outer, ExplainableModule) for inner in outer.modules() if inner is not outer}
+    names = {module: name for name, module in model.named_modules() if name and id(module) not in wrapped}
     hooks = [module.register_forward_pre_hook(record, with_kwargs=True) for module in names]
     try:
         with torch.no_grad(), explanation_mode(model):
@@ -149,9 +159,11 @@ def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
                 continue
             u = torch.randn(out.shape, dtype=out.dtype, generator=generator)
             value = (u * out).sum()
-            (gradient,) = torch.autograd.grad(value, x)
-            error = abs(float((gradient * x).sum() - value)) / max(float((u * out).abs().sum()), 1e-300)
-            if error > TOLERANCE:
+            (gradient,) = torch.autograd.grad(value, x, allow_unused=True)
+            if gradient is None:  # an output that does not depend on x: a constant, not linear in x
+                gradient = torch.zeros_like(x)
+            error = abs(float((gradient * x).sum() - value.detach())) / max(float((u * out).abs().sum().detach()), 1e-300)
+            if error > COMPLETENESS_TOLERANCE:
                 failing[module] = error
     innermost = [
         (names[m], type(m).__name__, error)
