@@ -411,10 +411,7 @@ class BcosSourceArchitecture(nn.Module):
         source_config = encoded_image_config(config.backbone_config, config.num_labels)
         self.model = AutoModelForImageClassification.from_config(source_config)
         self.unconverted = bcosify_modules(self.model, config.b, config.use_bias)
-        size = getattr(getattr(source_config, "vision_config", source_config), "image_size", 224)
-        channels = 2 * getattr(config.backbone_config, "num_channels", 3)
-        probe = torch.zeros(1, channels, *_pair(size), device=self.model.device, dtype=self.model.dtype)
-        self.pixel_reader = find_pixel_reader(self.model, probe, lambda x: self.model(pixel_values=x))
+        self.pixel_reader = find_pixel_reader(self.model, 2 * getattr(config.backbone_config, "num_channels", 3))
         prepare_reader(self.model, self.pixel_reader)
 
     def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):

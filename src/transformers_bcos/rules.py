@@ -369,24 +369,19 @@ def bcosify_modules(model: nn.Module, b: float, keep_bias: bool) -> list:
     return left
 
 
-def find_pixel_reader(model: nn.Module, pixel_values: torch.Tensor, forward=None) -> nn.Conv2d:
-    """The first convolution that ``model`` runs on ``pixel_values``: the module that reads the
-    pixels. Found by running the model, not by names."""
-    called = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: called.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    was_training = model.training
-    model.eval()  # the probe must not update batch-norm statistics
-    try:
-        with torch.no_grad():
-            (forward or model)(pixel_values)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    readers = [m for m in called if m.in_channels == pixel_values.shape[1]]
-    if not readers:
-        raise ValueError(f"{type(model).__name__} runs no convolution on its {pixel_values.shape[1]}-channel pixels.")
-    return readers[0]
+def find_pixel_reader(model: nn.Module, channels: int) -> nn.Conv2d:
+    """The module that reads the pixels: the first convolution of ``model`` (in the order its
+    modules are built) with ``channels`` input channels.
+
+    Found without running the model: models are built on the meta device, where a forward pass
+    would leave meta tensors in the source code's caches (BEiT caches its relative position
+    indices per window size). The conversion check confirms it is the first convolution the
+    forward runs (`conversion.exactness`).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == channels:
+            return module
+    raise ValueError(f"{type(model).__name__} has no convolution that reads {channels}-channel pixels.")
 
 
 def prepare_reader(model: nn.Module, reader: BcosConv2d) -> None:

@@ -67,6 +67,7 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     channels = getattr(model.config.backbone_config, "num_channels", 3)
     x = _check_image(check_model, channels)
     _refuse_unconverted(check_model, x)
+    _check_pixel_reader(check_model, x)
     errors = {}
     if not check_model.config.use_bias:  # additive terms are not attributed to pixels
         explanation = check_model.explain(x)
@@ -94,6 +95,28 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
             f"{errors['equivalence']:.1e} (float64, tolerance {EQUIVALENCE_TOLERANCE:g})."
         )
     return errors
+
+
+def _check_pixel_reader(model, x: torch.Tensor) -> None:
+    """The convolution the rules took for the pixel reader must be the first the forward runs."""
+    reader = getattr(model.backbone, "pixel_reader", None)
+    if reader is None:
+        return
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: called.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not called or called[0] is not reader:
+        names = {m: n for n, m in model.named_modules()}
+        first = names[called[0]] if called else "none"
+        raise ExactnessError(
+            f"The model's first convolution ({names[reader]}) is not the first one its forward runs ({first}): the module "
+            "that reads the pixels cannot be found, so the input normalisation cannot be folded into it."
+        )
 
 
 def _refuse_unconverted(model, x: torch.Tensor) -> None:
@@ -128,13 +151,17 @@ def _refuse_unconverted(model, x: torch.Tensor) -> None:
         raise ExactnessError(f"The source model's output depends on modules that no B-cos rule covers: {listed}.")
 
 
+def _is_input(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 1
+
+
 def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
     """[(qualified name, type name, relative error)] of the innermost modules of ``model`` that
-    are not linear in their first input in explanation mode (Euler's identity, float64)."""
+    are not linear in their tensor inputs in explanation mode (Euler's identity, float64)."""
     calls = {}
 
     def record(module, args, kwargs):
-        if module not in calls and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        if module not in calls and any(_is_input(a) for a in (*args, *kwargs.values())):
             calls[module] = (args, kwargs)
 
     # Modules that a rule wrapped (the activation inside a gated activation) are checked as the
@@ -152,17 +179,19 @@ def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
     generator = torch.Generator().manual_seed(0)
     with torch.enable_grad(), explanation_mode(model):
         for module, (args, kwargs) in calls.items():
-            x = args[0].detach().requires_grad_(True)
-            out = module(x, *args[1:], **kwargs)
+            # Linear in all its tensor inputs jointly (a residual block takes two).
+            args = [a.detach().requires_grad_(True) if _is_input(a) else a for a in args]
+            kwargs = {k: a.detach().requires_grad_(True) if _is_input(a) else a for k, a in kwargs.items()}
+            inputs = [a for a in (*args, *kwargs.values()) if _is_input(a)]
+            out = module(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 continue
             u = torch.randn(out.shape, dtype=out.dtype, generator=generator)
             value = (u * out).sum()
-            (gradient,) = torch.autograd.grad(value, x, allow_unused=True)
-            if gradient is None:  # an output that does not depend on x: a constant, not linear in x
-                gradient = torch.zeros_like(x)
-            error = abs(float((gradient * x).sum() - value.detach())) / max(float((u * out).abs().sum().detach()), 1e-300)
+            gradients = torch.autograd.grad(value, inputs, allow_unused=True)
+            euler = sum(float((g * a).sum().detach()) for g, a in zip(gradients, inputs) if g is not None)
+            error = abs(euler - float(value.detach())) / max(float((u * out).abs().sum().detach()), 1e-300)
             if error > COMPLETENESS_TOLERANCE:
                 failing[module] = error
     innermost = [
