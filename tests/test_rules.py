@@ -21,6 +21,7 @@ from conftest import (
     run_without_package,
     tiny_rules_source,
 )
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from transformers_bcos import BcosConfig, BcosForImageClassification, bcosify_pretrained
@@ -87,21 +88,21 @@ def test_without_explanation_mode_gradient_times_input_is_not_the_output(family,
     x = model.encode_inputs(random_images(dtype=torch.float64)).requires_grad_(True)
     output = model(encoded_pixel_values=x).logits[:, 0] - model.config.logit_bias
     (gradient,) = torch.autograd.grad(output.sum(), x)
-    assert completeness_error(gradient * x, output.detach()) > 1e-3
+    assert completeness_error((gradient * x).detach(), output.detach()) > 1e-8  # explanations: < 1e-10 in float64
 
 
 @pytest.mark.parametrize("family", RULE_FAMILIES)
 def test_batched_explanations_equal_single_ones_and_the_source_is_unchanged(family, rules_sources, converted):
     source = rules_sources[family]
     before = {k: v.clone() for k, v in source.state_dict().items()}
-    model = converted[family][(2, False)]
-    images = random_images(3)
+    model = copy.deepcopy(converted[family][(2, False)]).double()  # float64: no round-off of other GEMM blockings
+    images = random_images(3, dtype=torch.float64)
     batched = model.explain(images, target=[0, 2, 4])
     for i, target in enumerate([0, 2, 4]):
         single = model.explain(images[i : i + 1], target=target)
-        torch.testing.assert_close(batched.contributions[i], single.contributions[0], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(batched.contributions[i], single.contributions[0], rtol=1e-9, atol=1e-15)
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
-    assert all(type(m).__module__.startswith("transformers.") or m is source for m in source.modules() if len(list(m.children())) == 0)
+    assert not any(type(m).__module__.startswith("transformers_bcos") for m in source.modules())
 
 
 @pytest.mark.parametrize("family", RULE_FAMILIES)
@@ -117,30 +118,34 @@ def test_save_and_load_round_trip(family, converted, tmp_path):
 
 def test_every_rules_family_loads_without_the_package(converted, tmp_path):
     """trust_remote_code: the saved folders run with transformers alone, explanations included."""
+    images = random_images()
+    save_file({"images": images}, tmp_path / "images.safetensors")
     expected = {}
     for family in RULE_FAMILIES:
         model = converted[family][(2, False)]
         model.save_pretrained(tmp_path / family)
         with torch.no_grad():
-            expected[family] = model(random_images()).logits
-        torch.save(random_images(), tmp_path / "images.pt")
+            expected[family] = model(images).logits
     out = run_without_package(
         f"""
         import torch
+        from safetensors.torch import load_file, save_file
         from transformers import AutoModelForImageClassification
-        images = torch.load({str(tmp_path / "images.pt")!r})
+        images = load_file({str(tmp_path / "images.safetensors")!r})["images"]
         for family in {RULE_FAMILIES!r}:
             model = AutoModelForImageClassification.from_pretrained({str(tmp_path)!r} + "/" + family, trust_remote_code=True)
             explanation = model.explain(images)
             gap = (explanation.contributions.sum((1, 2)) - explanation.explained_output).abs().max().item()
             scale = explanation.contributions.abs().sum((1, 2)).max().item()
-            torch.save(model(images).logits, {str(tmp_path)!r} + "/" + family + ".pt")
+            save_file({{"logits": model(images).logits.contiguous()}}, {str(tmp_path)!r} + "/" + family + ".safetensors")
             print(family, type(model).__module__.startswith("transformers_modules"), gap / scale < 1e-4)
         """
     )
     for family in RULE_FAMILIES:
         assert f"{family} True True" in out
-        torch.testing.assert_close(torch.load(tmp_path / f"{family}.pt"), expected[family])
+        # the same code in another process; float32 sums may be blocked differently there
+        # (measured: up to 2e-5 on EfficientNet's deep depthwise stack, 1e-7 elsewhere)
+        torch.testing.assert_close(load_file(tmp_path / f"{family}.safetensors")["logits"], expected[family], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", RULE_FAMILIES)
@@ -150,6 +155,7 @@ def test_a_training_step_lowers_the_loss(family, converted):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     for _ in range(3):
+        torch.manual_seed(0)  # the same dropout masks at every step: only the parameters change
         loss = model(images, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -187,12 +193,14 @@ def test_a_functional_nonlinearity_is_refused_with_the_module_named():
     assert completeness_error(explanation.contributions, explanation.explained_output) > 1e-9
 
 
-def test_a_module_without_a_rule_is_refused_by_name(rules_sources):
-    source = copy.deepcopy(rules_sources["regnet"])
-    conv = source.regnet.embedder.convolution.convolution
-    conv.padding_mode = "reflect"
-    with pytest.raises(ExactnessError, match=r"regnet\.embedder\.convolution\.convolution \(Conv2d: padding_mode='reflect'\)"):
-        bcosify_pretrained(source, image_processor=RULES_PROCESSOR)
+def test_a_module_without_a_rule_is_refused_by_name():
+    """tanh has no B-cos rule: the converter names the module it finds in the forward."""
+    from transformers import AutoModelForImageClassification
+
+    config = AutoConfig.for_model("dinov2", **RULE_FAMILY_CONFIGS["dinov2"], hidden_act="tanh", **RULE_LABELS)
+    model = AutoModelForImageClassification.from_config(config).eval()
+    with pytest.raises(ExactnessError, match=r"dinov2\.encoder\.layer\.0\.mlp\.activation_fn \(Tanh: no B-cos rule"):
+        bcosify_pretrained(model, image_processor=RULES_PROCESSOR)
 
 
 def test_a_base_model_is_not_an_image_classifier(rules_sources):

@@ -393,10 +393,6 @@ def encoded_image_config(backbone_config, num_labels: int):
     return encoded
 
 
-class UnconvertedModulesError(ValueError):
-    """A source model holds modules that no B-cos rule covers (named in the message)."""
-
-
 class BcosSourceArchitecture(nn.Module):
     """The source family's own image classifier, built from ``config.backbone_config`` and
     B-cosified by the module-type rules (`rules.bcosify_modules`): its own forward code runs.
@@ -411,8 +407,14 @@ class BcosSourceArchitecture(nn.Module):
         source_config = encoded_image_config(config.backbone_config, config.num_labels)
         self.model = AutoModelForImageClassification.from_config(source_config)
         self.unconverted = bcosify_modules(self.model, config.b, config.use_bias)
-        self.pixel_reader = find_pixel_reader(self.model, 2 * getattr(config.backbone_config, "num_channels", 3))
-        prepare_reader(self.model, self.pixel_reader)
+        reader = find_pixel_reader(self.model, 2 * getattr(config.backbone_config, "num_channels", 3))
+        self._pixel_reader_name = next(name for name, module in self.model.named_modules() if module is reader)
+        prepare_reader(self.model, reader)
+
+    @property
+    def pixel_reader(self) -> nn.Conv2d:
+        """The convolution that reads the encoded pixels (the source's first convolution)."""
+        return self.model.get_submodule(self._pixel_reader_name)
 
     def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
         out = self.model(pixel_values=encoded_pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
