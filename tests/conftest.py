@@ -278,3 +278,66 @@ def run(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedPro
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{' '.join(command)}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
     return result
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes rather than seconds; the quick tier is -m 'not slow'")
+
+
+# ------------------------------------------------------------------------------ families by rules
+
+# Tiny configs of the families B-cosified by the module-type rules (no code of their own).
+RULE_FAMILY_CONFIGS = {
+    "dinov2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMAGE_SIZE, patch_size=8),
+    "swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=IMAGE_SIZE, patch_size=4, window_size=4),
+    "beit": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMAGE_SIZE, patch_size=8,
+        use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.5,
+    ),  # fmt: skip
+    "convnextv2": dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=IMAGE_SIZE),
+    "regnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, layer_type="y"),
+    "efficientnet": dict(hidden_dim=128, width_coefficient=0.1, depth_coefficient=0.1, image_size=IMAGE_SIZE),
+    "mobilenet_v2": dict(depth_multiplier=0.25, image_size=IMAGE_SIZE),
+    "siglip": dict(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMAGE_SIZE, patch_size=8)
+    ),
+}
+RULE_FAMILIES = sorted(RULE_FAMILY_CONFIGS)
+RULE_LABELS = {"id2label": {i: f"class_{i}" for i in range(NUM_LABELS)}, "label2id": {f"class_{i}": i for i in range(NUM_LABELS)}}
+RULES_PROCESSOR = {"do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "do_rescale": True, "rescale_factor": 1 / 255}
+
+
+def tiny_rules_source(family: str, seed: int = 0):
+    """A tiny standard classifier of a rules family, with norms, biases, tokens and scales far
+    from their initial values (so that a converter that drops or misplaces one is caught), and
+    weights of a trained model's scale (std 1/sqrt(fan-in)): with transformers' initial std of
+    0.02, a B-cos model without biases passes on ~1e-4 of its signal per block, and EfficientNet's
+    logits underflow to 0."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageClassification.from_config(AutoConfig.for_model(family, **RULE_FAMILY_CONFIGS[family], **RULE_LABELS))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(0, module.weight[0].numel() ** -0.5)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1)
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 3 or "lambda" in name or "position" in name or "token" in name or "grn" in name:
+                parameter.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def rules_sources():
+    """family -> a tiny standard model of each rules family (shared: build once per session)."""
+    return {family: tiny_rules_source(family) for family in RULE_FAMILIES}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FAMILIES, IMAGENET_MEAN, IMAGENET_STD, NUM_LABELS, tiny_source_model
 from torch import nn
-from transformers import AutoModelForImageClassification, SwinConfig, SwinForImageClassification, ViTImageProcessor
+from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 from transformers_bcos import BcosForImageClassification, bcosify_pretrained
 from transformers_bcos.conversion import (
@@ -201,11 +201,13 @@ def test_bad_b_is_refused(bad_b, source_folders):
         bcosify_pretrained(source_folders["vit"], b=bad_b)
 
 
-def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
-    swin = SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], window_size=2))
-    swin.save_pretrained(tmp_path)
-    for src in (str(tmp_path), swin):
-        with pytest.raises(ValueError, match="Unsupported architecture 'swin'.*ViTForImageClassification.*ConvNextForImageClassification"):
+def test_a_model_that_is_not_an_image_classifier_is_refused(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8))
+    bert.save_pretrained(tmp_path)
+    for src in (str(tmp_path), bert):
+        with pytest.raises(ValueError, match="Unsupported architecture 'bert'.*not an image classifier of transformers"):
             bcosify_pretrained(src)
     with pytest.raises(TypeError, match="src must be"):
         bcosify_pretrained(42)

@@ -7,17 +7,36 @@ transformers and the standard library only.
 import math
 
 from transformers import AutoConfig, PretrainedConfig, ResNetConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-# transformers ``model_type`` of the architecture -> B-cos backbone family.
+# transformers ``model_type`` of the architecture -> hand-written B-cos backbone, with fast paths
+# of its own. Every other image classifier of transformers is B-cosified by the module-type rules
+# (`rules.py`) over its own modules and forward: the "rules" family.
 SUPPORTED_BACKBONES = {"vit": "vit", "deit": "vit", "resnet": "resnet", "convnext": "convnext"}
+RULES_FAMILY = "rules"
+
+
+def backbone_family_of(model_type: str) -> str:
+    """The B-cos backbone family of a transformers ``model_type``; a ValueError for a model type
+    that has no image-classification model in transformers."""
+    if model_type in SUPPORTED_BACKBONES:
+        return SUPPORTED_BACKBONES[model_type]
+    if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return RULES_FAMILY
+    raise ValueError(
+        f"Unsupported backbone {model_type!r}: B-cos models mirror a transformers image classifier "
+        f"(a model type of AutoModelForImageClassification, such as {', '.join(sorted(SUPPORTED_BACKBONES))}, dinov2 or swin)."
+    )
 
 
 class BcosConfig(PretrainedConfig):
     r"""Configuration of a [`BcosForImageClassification`] model.
 
     The architecture is described by ``backbone_config``, the configuration of the standard
-    transformers model the B-cos network mirrors (a `ViTConfig`, `DeiTConfig`, `ResNetConfig` or
-    `ConvNextConfig`); the B-cos options sit beside it. Labels (``id2label``) belong to this
+    transformers image classifier the B-cos network mirrors: a `ViTConfig`, `DeiTConfig`,
+    `ResNetConfig` or `ConvNextConfig` (hand-written B-cos backbones), or the config of any other
+    model of `AutoModelForImageClassification` (that model B-cosified by the module-type rules);
+    the B-cos options sit beside it. Labels (``id2label``) belong to this
     config, not to the backbone's.
 
     Args:
@@ -59,10 +78,7 @@ class BcosConfig(PretrainedConfig):
             backbone_config = AutoConfig.for_model(**backbone_config)
         elif not isinstance(backbone_config, PretrainedConfig):
             raise TypeError(f"backbone_config must be a PretrainedConfig or a dict, got {type(backbone_config).__name__}.")
-        if backbone_config.model_type not in SUPPORTED_BACKBONES:
-            raise ValueError(
-                f"Unsupported backbone {backbone_config.model_type!r}; supported: {sorted(SUPPORTED_BACKBONES)}."
-            )
+        backbone_family_of(backbone_config.model_type)
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
             raise ValueError(f"The B-cos exponent b must be a finite number > 0, got {b!r}.")
         self.backbone_config = backbone_config
@@ -79,8 +95,9 @@ class BcosConfig(PretrainedConfig):
 
     @property
     def backbone_family(self) -> str:
-        """'vit', 'resnet' or 'convnext': the B-cos backbone that mirrors ``backbone_config``."""
-        return SUPPORTED_BACKBONES[self.backbone_config.model_type]
+        """'vit', 'resnet', 'convnext' (hand-written backbones) or 'rules' (the source
+        architecture B-cosified by the module-type rules)."""
+        return backbone_family_of(self.backbone_config.model_type)
 
     @property
     def image_size(self):

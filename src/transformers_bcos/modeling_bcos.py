@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForImageClassification, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .configuration_bcos import BcosConfig
+from .configuration_bcos import RULES_FAMILY, BcosConfig
 from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets
 from .layers import (
     BcosBatchNorm2d,
@@ -38,6 +38,7 @@ from .layers import (
     feed_forward,
     patch_unit_means,
 )
+from .rules import bcosify_modules, find_pixel_reader, prepare_reader
 
 try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
     from transformers import initialization as init
@@ -376,7 +377,56 @@ class BcosConvNextBackbone(nn.Module):
         return classifier(features)
 
 
-BACKBONES = {"vit": BcosViTBackbone, "resnet": BcosResNetBackbone, "convnext": BcosConvNextBackbone}
+# ----------------------------------------------------------------------------------------------
+# Any other transformers image classifier: its own modules and forward, B-cosified by the rules
+# ----------------------------------------------------------------------------------------------
+
+
+def encoded_image_config(backbone_config, num_labels: int):
+    """A copy of ``backbone_config`` whose models read the encoding [x, 1 - x] (twice the pixel
+    channels, in the config and in any sub-config that names them) with ``num_labels`` classes."""
+    encoded = copy.deepcopy(backbone_config)
+    configs = [encoded] + [getattr(encoded, key) for key in getattr(encoded, "sub_configs", {}) if getattr(encoded, key, None) is not None]
+    for config in configs:
+        if hasattr(config, "num_channels"):
+            config.num_channels = 2 * config.num_channels
+    encoded.num_labels = num_labels
+    return encoded
+
+
+class BcosSourceArchitecture(nn.Module):
+    """The source family's own image classifier, built from ``config.backbone_config`` and
+    B-cosified by the module-type rules (`rules.bcosify_modules`): its own forward code runs.
+
+    (N, 2C, H, W) encoded pixels -> (logits before the logit bias, hidden states). Modules that no
+    rule covers stay as they are and are listed in ``unconverted``; the conversion refuses a model
+    whose output depends on them.
+    """
+
+    def __init__(self, config: BcosConfig):
+        super().__init__()
+        source_config = encoded_image_config(config.backbone_config, config.num_labels)
+        self.model = AutoModelForImageClassification.from_config(source_config)
+        self.unconverted = bcosify_modules(self.model, config.b, config.use_bias)
+        reader = find_pixel_reader(self.model, 2 * getattr(config.backbone_config, "num_channels", 3))
+        self._pixel_reader_name = next(name for name, module in self.model.named_modules() if module is reader)
+        prepare_reader(self.model, reader)
+
+    @property
+    def pixel_reader(self) -> nn.Conv2d:
+        """The convolution that reads the encoded pixels (the source's first convolution)."""
+        return self.model.get_submodule(self._pixel_reader_name)
+
+    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        out = self.model(pixel_values=encoded_pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        return out.logits, out.hidden_states if output_hidden_states else None
+
+    @staticmethod
+    def pool(logits: torch.Tensor, classifier) -> torch.Tensor:
+        return logits
+
+
+BACKBONES = {"vit": BcosViTBackbone, "resnet": BcosResNetBackbone, "convnext": BcosConvNextBackbone, RULES_FAMILY: BcosSourceArchitecture}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,8 +617,11 @@ class BcosForImageClassification(BcosPreTrainedModel):
     def __init__(self, config: BcosConfig):
         super().__init__(config)
         self.backbone = BACKBONES[config.backbone_family](config)
-        self.classifier = BcosLinear(
-            self.backbone.num_features, config.num_labels, bias=config.use_bias, **_bcos_kwargs(config)
+        # The rules family classifies with the source architecture's own head.
+        self.classifier = (
+            None
+            if config.backbone_family == RULES_FAMILY
+            else BcosLinear(self.backbone.num_features, config.num_labels, bias=config.use_bias, **_bcos_kwargs(config))
         )
         self.post_init()
 
@@ -618,7 +671,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        features, hidden_states = self.backbone(x.to(self.classifier.weight.dtype), output_hidden_states)
+        features, hidden_states = self.backbone(x.to(self.dtype), output_hidden_states)
         bias_free_logits = self.backbone.pool(features, self.classifier)
         logits = bias_free_logits + self.config.logit_bias
         loss = None
@@ -658,7 +711,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         if target is not None:  # validate before any work
             resolve_targets(target, torch.empty(x.shape[0], self.config.num_labels), self.config.label2id)
-        x = x.to(self.classifier.weight.dtype)
+        x = x.to(self.dtype)
 
         def explained_output(inputs):
             outputs = self(encoded_pixel_values=inputs)

@@ -1,17 +1,22 @@
 """B-cosification: convert a pretrained transformers image classifier into a B-cos model.
 
-The conversion builds a `BcosForImageClassification` that mirrors the source architecture and
-copies the weights across by module type and structure, never by attribute names (transformers
-renames internals between versions):
+Any image classifier of transformers converts. Its architecture is built again with the
+module-type rules of `rules.py` applied (the "rules" family: the source's own modules and
+forward, each convolution, linear layer, norm, activation, gate and attention made B-cos), and
+the source's tensors are installed under their own keys (`copy_tensors_by_key`). ViT, DeiT,
+ResNet and ConvNeXt have hand-written B-cos backbones with fast paths of their own; their weights
+are paired by module type and order (`copy_units`):
 
 * both models are walked in module order; every convolution, linear layer, batch norm, layer
   norm and free parameter (class token, position embeddings, layer scale) is a *unit*;
 * the units of each kind are paired in order, with their shapes checked, and one rule per
-  module type copies the state (`CONVERTER_RULES`);
-* the source's input normalisation is folded exactly into the first layer, which reads the
-  6-channel encoding [x, 1-x] (`fold_normalization`).
+  module type copies the state (`CONVERTER_RULES`).
 
-Nothing is written into the new model until every pair has been validated.
+Either way the source's input normalisation is folded exactly into the module that reads the
+pixels, which reads the encoding [x, 1-x] (`fold_normalization`); nothing is written into the new
+model until every tensor has been validated; and before the model is returned, one float64 pass
+checks that its explanations are complete (and, for b = 1 with biases, that it reproduces the
+source): `check_exactness`.
 """
 
 import copy
@@ -30,18 +35,21 @@ from transformers import (
     ResNetForImageClassification,
     ViTForImageClassification,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from .._compat import AutoImageProcessor
-from ..configuration_bcos import SUPPORTED_BACKBONES, BcosConfig
+from ..configuration_bcos import RULES_FAMILY, SUPPORTED_BACKBONES, BcosConfig, backbone_family_of
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES
 from ..modeling_bcos import BcosForImageClassification
+from .exactness import ExactnessError, check_exactness
 
 try:
     from transformers.initialization import no_init_weights
 except ImportError:  # pragma: no cover
     from transformers.modeling_utils import no_init_weights
 
-SUPPORTED_SOURCE_CLASSES = (
+# The sources of the hand-written backbones (`SUPPORTED_BACKBONES`).
+HAND_WRITTEN_SOURCE_CLASSES = (
     ViTForImageClassification,
     DeiTForImageClassification,
     ResNetForImageClassification,
@@ -49,8 +57,9 @@ SUPPORTED_SOURCE_CLASSES = (
 )
 
 
-def _supported_names() -> str:
-    return ", ".join(cls.__name__ for cls in SUPPORTED_SOURCE_CLASSES)
+def _image_classifier_names(model_type: str) -> tuple:
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type, ())
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +212,45 @@ def copy_units(source: nn.Module, target: nn.Module, mean, std, share: bool = Fa
     return written
 
 
+def copy_tensors_by_key(source: nn.Module, target: nn.Module, reader: nn.Conv2d, mean, std, share: bool = False) -> set:
+    """Install every tensor of ``source`` into the module of ``target`` with the same key, where
+    ``target`` is the source's architecture B-cosified by the rules (`BcosSourceArchitecture.model`).
+
+    The pixel reader's weight gets the input normalisation folded in. Source biases that the
+    B-cos model dropped are the only tensors left over; any other leftover, a missing key or a
+    shape that differs raises before anything is written. Returns the ids of the tensors written.
+    """
+    source_tensors = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers(remove_duplicate=False))}
+    target_modules = dict(target.named_modules(remove_duplicate=False))
+    reader_name = next(name for name, module in target_modules.items() if module is reader)
+    plan = []
+    for key, tensor in [*target.named_parameters(remove_duplicate=False), *target.named_buffers(remove_duplicate=False)]:
+        module_name, _, tensor_name = key.rpartition(".")
+        if key not in source_tensors:
+            raise ValueError(f"Cannot convert {type(source).__name__}: the B-cos model's tensor {key!r} has no source tensor.")
+        value = source_tensors[key]
+        if module_name == reader_name and tensor_name == "weight":
+            value = fold_normalization(value, mean, std)
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"Cannot convert {type(source).__name__}: {key!r} has shape {tuple(value.shape)}, the B-cos model expects {tuple(tensor.shape)}."
+            )
+        plan.append((target_modules[module_name], tensor_name, value, module_name == reader_name and tensor_name == "weight"))
+    written_keys = {key for key, *_ in [*target.named_parameters(remove_duplicate=False), *target.named_buffers(remove_duplicate=False)]}
+    for key in sorted(set(source_tensors) - written_keys):
+        module_name, _, tensor_name = key.rpartition(".")
+        module = target_modules.get(module_name)
+        if not (tensor_name == "bias" and module is not None and getattr(module, "bias", "absent") is None):
+            raise ValueError(f"Cannot convert {type(source).__name__}: its tensor {key!r} has no place in the B-cos model.")
+
+    written = set()
+    with torch.no_grad():
+        for module, name, value, folded in plan:
+            set_tensor(module, name, value if folded else (value.detach() if share else value.detach().clone()))
+            written.add(id(module._parameters[name] if name in module._parameters else module._buffers[name]))
+    return written
+
+
 def check_all_written(model: nn.Module, written: set) -> None:
     """Every tensor must come from the source: never hand out uninitialised memory."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
@@ -226,9 +274,11 @@ def check_conversion_arguments(b, keep_bias) -> None:
 def _check_model_type(model_type: str, where: str) -> None:
     if model_type in ("bcos", "bcos_clip"):
         raise ValueError(f"{where} is already a B-cos model (model_type {model_type!r}): use it as it is.")
-    if model_type not in SUPPORTED_BACKBONES:
+    if not _image_classifier_names(model_type):
         raise ValueError(
-            f"Unsupported architecture {model_type!r} ({where}). Supported: {_supported_names()}."
+            f"Unsupported architecture {model_type!r} ({where}): not an image classifier of transformers "
+            "(a model type of AutoModelForImageClassification, such as vit, resnet, convnext, dinov2, swin or "
+            "efficientnet). For a plain PyTorch classifier pass the nn.Module itself."
         )
 
 
@@ -251,8 +301,12 @@ def _load_source(src, image_processor, **kwargs):
         model = AutoModelForImageClassification.from_pretrained(src, **kwargs)
     else:
         raise TypeError(f"src must be a Hub id, a local folder or a PreTrainedModel, got {type(src).__name__}.")
-    if not isinstance(model, SUPPORTED_SOURCE_CLASSES):
-        raise ValueError(f"Unsupported model class {type(model).__name__}. Supported: {_supported_names()}.")
+    classifiers = _image_classifier_names(model.config.model_type)
+    if type(model).__name__ not in classifiers:
+        raise ValueError(
+            f"Unsupported model class {type(model).__name__}: B-cosification converts image classifiers "
+            f"({' or '.join(classifiers)} for model type {model.config.model_type!r})."
+        )
 
     if image_processor is None:
         location = src if not isinstance(src, PreTrainedModel) else getattr(src.config, "_name_or_path", "")
@@ -295,14 +349,14 @@ def bcosify_pretrained(
     *,
     image_processor=None,
     logit_bias: Optional[float] = None,
+    check: bool = True,
     **from_pretrained_kwargs,
 ) -> BcosForImageClassification:
     """B-cosify a pretrained image classifier.
 
     Args:
-        src: a Hub id, a local folder written by ``save_pretrained``, or a model instance of one of
-            ViTForImageClassification, DeiTForImageClassification, ResNetForImageClassification,
-            ConvNextForImageClassification.
+        src: a Hub id, a local folder written by ``save_pretrained``, or a model instance: any
+            image classifier of transformers (a class of ``AutoModelForImageClassification``).
         b: the B-cos exponent (2 for B-cos models; 1 with ``keep_bias=True`` reproduces the source).
         keep_bias: keep biases and batch-norm centring (False for B-cos models).
         image_processor: the source's image processor (object or dict), if it cannot be loaded from
@@ -310,6 +364,9 @@ def bcosify_pretrained(
             the same without normalisation.
         logit_bias: the fixed constant added to every logit; by default -log(C-1), or 0 with
             ``keep_bias=True`` so that the source logits are reproduced.
+        check: run `check_exactness` before returning (one float64 pass on a small random image,
+            about a second for DINOv2-S, BENCHMARKS.md): it raises an `ExactnessError` naming the
+            modules that break completeness (or, for b = 1 with biases, equivalence).
         from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ...).
 
     Returns:
@@ -342,6 +399,13 @@ def bcosify_pretrained(
     # Built on the meta device: every tensor is then installed from the source, none allocated twice.
     with torch.device("meta"), no_init_weights():
         model = BcosForImageClassification(config)
-    written = copy_units(source, model, mean, std, share=not isinstance(src, PreTrainedModel))
+    share = not isinstance(src, PreTrainedModel)
+    if config.backbone_family == RULES_FAMILY:
+        written = copy_tensors_by_key(source, model.backbone.model, model.backbone.pixel_reader, mean, std, share)
+    else:
+        written = copy_units(source, model, mean, std, share)
     check_all_written(model, written)
-    return model.eval()
+    model.eval()
+    if check:
+        check_exactness(model, source if (b == 1 and keep_bias) else None, mean, std)
+    return model

@@ -1,0 +1,202 @@
+"""The conversion's run-time guarantee: a converted model's explanations are complete.
+
+`check_exactness` runs the converted model once in float64 on a small random image: the
+contributions of its explanation must sum to the explained output, and a b = 1 model with biases
+must reproduce the source. When they do not, `nonlinear_modules` finds the modules to blame: in
+explanation mode every module must be a linear map of its input x given the detached factors,
+so Σ x ⊙ ∂(u·f(x))/∂x = u·f(x) (Euler's identity) for any u; the innermost modules where it fails
+are named with their relative error.
+"""
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..explanation import explanation_mode
+from ..layers import ExplainableModule
+
+# Relative errors in float64 are ~1e-15 for exact conversions. A module that breaks exactness
+# can weigh little in a freshly converted model (B-cos layers shrink what passes through them):
+# DINOv2's SwiGLU MLPs in a tiny random model gave 3e-7.
+COMPLETENESS_TOLERANCE = 1e-10
+# b = 1 with biases against the source: the folded first layer is stored in the model's dtype,
+# whose rounding (6e-8 in float32) the float64 pass sees.
+EQUIVALENCE_TOLERANCE = 1e-6
+# The side of the random check image, where the model accepts other sizes than its own.
+CHECK_IMAGE_SIZE = 64
+
+
+class ExactnessError(ValueError):
+    """A converted model whose explanations would not be exact (the message names the modules)."""
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> float:
+    return float((value - reference).abs().max() / scale.abs().max().clamp_min(torch.finfo(scale.dtype).tiny))
+
+
+def _check_image(model, channels: int) -> torch.Tensor:
+    """A random image of `CHECK_IMAGE_SIZE` px if the model takes it, else of its own size."""
+    generator = torch.Generator().manual_seed(0)
+    small = torch.rand(1, channels, CHECK_IMAGE_SIZE, CHECK_IMAGE_SIZE, dtype=torch.float64, generator=generator)
+    try:
+        with torch.no_grad():
+            model(small)
+        return small
+    except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
+        size = _own_image_size(model)
+        return torch.rand(1, channels, *size, dtype=torch.float64, generator=generator)
+
+
+def _own_image_size(model) -> tuple:
+    config = model.config.backbone_config
+    size = getattr(getattr(config, "vision_config", config), "image_size", 224)
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=None, std=None) -> dict:
+    """Raise an `ExactnessError` unless ``model``'s explanations are complete in float64 (for a
+    model without additive terms) and, with ``source``, its logits are the source's on the same
+    image normalised by mean/std.
+
+    Modules that no rule converted (``model.backbone.unconverted``) and that run in the forward
+    are refused by name. Returns the measured relative errors.
+    """
+    check_model = copy.deepcopy(model).double().eval()
+    channels = getattr(model.config.backbone_config, "num_channels", 3)
+    x = _check_image(check_model, channels)
+    _refuse_unconverted(check_model, x)
+    _check_pixel_reader(check_model, x)
+    errors = {}
+    if not check_model.config.use_bias:  # additive terms are not attributed to pixels
+        explanation = check_model.explain(x)
+        scale = torch.maximum(explanation.explained_output.abs(), explanation.contributions.abs().sum((1, 2)))
+        errors["completeness"] = relative_error(explanation.contributions.sum((1, 2)), explanation.explained_output, scale)
+    if source is not None:
+        reference = copy.deepcopy(source).double().eval()
+        mean_t = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        with torch.no_grad():
+            expected = reference((x - mean_t) / std_t).logits
+            logits = check_model(x).logits
+        errors["equivalence"] = relative_error(logits, expected, expected)
+    if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
+        culprits = nonlinear_modules(check_model, check_model.encode_inputs(x))
+        named = "; ".join(f"{name} ({kind}, relative error {error:.1e})" for name, kind, error in culprits) or "none found"
+        raise ExactnessError(
+            f"The converted model's explanations are not complete: relative error {errors['completeness']:.1e} (float64, "
+            f"tolerance {COMPLETENESS_TOLERANCE:g}). Modules that are not linear in explanation mode: {named}. A non-linearity "
+            "written as a function in the source's forward has no B-cos rule; pass check=False to keep the model anyway."
+        )
+    if not errors.get("equivalence", 0.0) <= EQUIVALENCE_TOLERANCE:
+        raise ExactnessError(
+            f"The converted model (b=1, keep_bias=True) does not reproduce the source: relative error of the logits "
+            f"{errors['equivalence']:.1e} (float64, tolerance {EQUIVALENCE_TOLERANCE:g})."
+        )
+    return errors
+
+
+def _check_pixel_reader(model, x: torch.Tensor) -> None:
+    """The convolution the rules took for the pixel reader must be the first the forward runs."""
+    reader = getattr(model.backbone, "pixel_reader", None)
+    if reader is None:
+        return
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: called.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not called or called[0] is not reader:
+        names = {m: n for n, m in model.named_modules()}
+        first = names[called[0]] if called else "none"
+        raise ExactnessError(
+            f"The model's first convolution ({names[reader]}) is not the first one its forward runs ({first}): the module "
+            "that reads the pixels cannot be found, so the input normalisation cannot be folded into it."
+        )
+
+
+def _refuse_unconverted(model, x: torch.Tensor) -> None:
+    """Raise naming the unconverted modules whose output reaches the logits (modules that run
+    but feed nothing the classifier reads, such as SigLIP's unused pooling head, are fine)."""
+    modules = dict(model.named_modules())
+    prefix = "backbone.model."
+    probes = {}
+
+    def probe(entry):
+        def hook(module, args, output):
+            scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+            probes[entry] = scale
+            return (output[0] * scale, *output[1:]) if isinstance(output, tuple) else output * scale
+
+        return hook
+
+    unconverted = getattr(model.backbone, "unconverted", [])
+    hooks = [modules[prefix + entry[0]].register_forward_hook(probe(entry)) for entry in unconverted]
+    try:
+        with torch.enable_grad():
+            logits = model(x).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not probes:
+        return
+    gradients = torch.autograd.grad(logits.sum(), list(probes.values()), allow_unused=True)
+    reaching = [entry for entry, gradient in zip(probes, gradients) if gradient is not None]
+    if reaching:
+        listed = "; ".join(f"{prefix}{name} ({kind}: {reason})" for name, kind, reason in reaching)
+        raise ExactnessError(f"The source model's output depends on modules that no B-cos rule covers: {listed}.")
+
+
+def _is_input(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 1
+
+
+def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
+    """[(qualified name, type name, relative error)] of the innermost modules of ``model`` that
+    are not linear in their tensor inputs in explanation mode (Euler's identity, float64)."""
+    calls = {}
+
+    def record(module, args, kwargs):
+        if module not in calls and any(_is_input(a) for a in (*args, *kwargs.values())):
+            calls[module] = (args, kwargs)
+
+    # Modules that a rule wrapped (the activation inside a gated activation) are checked as the
+    # wrapper, which is what the model runs.
+    wrapped = {id(inner) for outer in model.modules() if isinstance(outer, ExplainableModule) for inner in outer.modules() if inner is not outer}
+    names = {module: name for name, module in model.named_modules() if name and id(module) not in wrapped}
+    hooks = [module.register_forward_pre_hook(record, with_kwargs=True) for module in names]
+    try:
+        with torch.no_grad(), explanation_mode(model):
+            model(encoded_pixel_values=encoded)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    failing = {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.enable_grad(), explanation_mode(model):
+        for module, (args, kwargs) in calls.items():
+            # Linear in all its tensor inputs jointly (a residual block takes two).
+            args = [a.detach().requires_grad_(True) if _is_input(a) else a for a in args]
+            kwargs = {k: a.detach().requires_grad_(True) if _is_input(a) else a for k, a in kwargs.items()}
+            inputs = [a for a in (*args, *kwargs.values()) if _is_input(a)]
+            out = module(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                continue
+            u = torch.randn(out.shape, dtype=out.dtype, generator=generator)
+            value = (u * out).sum()
+            gradients = torch.autograd.grad(value, inputs, allow_unused=True)
+            euler = sum(float((g * a).sum().detach()) for g, a in zip(gradients, inputs) if g is not None)
+            error = abs(euler - float(value.detach())) / max(float((u * out).abs().sum().detach()), 1e-300)
+            if error > COMPLETENESS_TOLERANCE:
+                failing[module] = error
+    innermost = [
+        (names[m], type(m).__name__, error)
+        for m, error in failing.items()
+        if not any(other is not m and other in failing for other in m.modules())
+    ]
+    return sorted(innermost)

@@ -1,0 +1,392 @@
+"""B-cosification as rules per kind of module, applied to a model's own modules and forward.
+
+A model of any family is made a B-cos model by replacing each module by its B-cos counterpart
+according to the module's *type* (never its name): convolutions and linear layers become B-cos
+layers, normalisations detach their statistics in explanation mode, activations and gates detach
+their gates, and attention, through transformers' `AttentionInterface`, detaches its
+probabilities. The family's own forward code runs unchanged, so every family built only of
+covered module types is covered, with no code of its own.
+
+Two rules need to know where the pixels enter:
+
+* the module that reads the pixels (the first convolution) reads the encoding [x, 1 - x], twice
+  the channels of the source;
+* the module around it that adds learned constants (class and register tokens, position
+  embeddings) makes them linear in the input (`LinearizedConstants`), so explanations stay
+  complete.
+
+This file travels with saved checkpoints (``trust_remote_code``): it imports torch,
+transformers and the standard library only.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2CLS
+
+from .layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, ExplainableModule
+
+try:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError:  # pragma: no cover
+    AttentionInterface = sdpa_attention_forward = None
+
+# The name under which the B-cos attention function is registered in `AttentionInterface`.
+BCOS_ATTENTION = "bcos"
+
+# Modules with a non-linearity of their own that no rule makes explainable: left as they are and
+# reported, so that the conversion can refuse a model whose output depends on them.
+UNSUPPORTED_MODULES = (
+    nn.MultiheadAttention,
+    nn.Softmax,
+    nn.Softmin,
+    nn.LogSoftmax,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.LocalResponseNorm,
+    nn.Tanh,
+    nn.Softplus,
+    nn.ELU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Mish,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations and gates
+# ----------------------------------------------------------------------------------------------
+
+
+class GatedActivation(ExplainableModule):
+    """An element-wise activation f written as f(x) = (f(x) / x) · x, whose gate f(x) / x is a
+    constant in explanation mode.
+
+    It wraps the source's own activation module, so every activation (ReLU, ReLU6, GELU and its
+    approximations, SiLU, quick GELU, ...) is covered by this one rule. The gate is computed on a
+    copy: an in-place activation (``nn.ReLU(inplace=True)``) would otherwise overwrite x.
+    """
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.explanation_mode:
+            return self.activation(x)
+        with torch.no_grad():
+            # Where x = 0 the product is 0 whatever the gate: 0 avoids 0/0.
+            gate = torch.where(x == 0, torch.zeros_like(x), self.activation(x.clone()) / x)
+        return gate * x
+
+
+class DetachedGate(ExplainableModule):
+    """A gating non-linearity (the sigmoid of squeeze-excitation) whose output is a constant in
+    explanation mode: the product it gates is then linear in the gated features."""
+
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.explanation_mode:
+            return self.gate(x)
+        with torch.no_grad():
+            return self.gate(x)
+
+
+class BcosGlobalResponseNorm(ExplainableModule):
+    """ConvNeXtV2's global response normalisation, x + γ·(x·N(x)) (+ β), with the normaliser
+    N(x) (a ratio of spatial norms) a constant in explanation mode and no β in B-cos models."""
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad() if self.explanation_mode else torch.enable_grad():
+            spatial_norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+            normaliser = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
+        out = self.weight * (x * normaliser) + x
+        return out if self.bias is None else out + self.bias
+
+
+def _is_gating_module(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sigmoid, nn.Hardsigmoid))
+
+
+def _activation_classes() -> tuple:
+    """Element-wise activations f with f(0) = 0: torch's and transformers' ``ACT2FN`` classes."""
+    torch_activations = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
+    ours = []
+    for name, entry in ACT2CLS.items():
+        cls = entry[0] if isinstance(entry, tuple) else entry
+        # Sigmoid/tanh-like entries are not activations with f(0) = 0; they are gates or refused.
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and not issubclass(cls, (nn.Sigmoid, nn.Tanh, nn.Identity)):
+            if name not in ("linear", "sigmoid", "tanh", "leaky_relu", "prelu", "mish", "softmax"):
+                ours.append(cls)
+    return tuple(dict.fromkeys(torch_activations + tuple(ours)))
+
+
+ACTIVATION_CLASSES = _activation_classes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+def _explaining(module: nn.Module) -> bool:
+    """Whether the B-cos projections of an attention module are in explanation mode. Read by
+    attribute, not by class: a model loaded with remote code has its own copy of the classes."""
+    return any(getattr(child, "explanation_mode", False) for child in module.modules())
+
+
+def bcos_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention whose probabilities are a constant in explanation mode: softmax(q·kᵀ) then
+    weighs the values linearly. Elsewhere it is SDPA, the same function computed faster."""
+    if not _explaining(module):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    with torch.no_grad():
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    attn_output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
+    return attn_output, probabilities
+
+
+if AttentionInterface is not None:
+    AttentionInterface.register(BCOS_ATTENTION, bcos_attention_forward)
+
+
+def use_bcos_attention(model: nn.Module) -> None:
+    """Route every attention of ``model`` that goes through `AttentionInterface` to the B-cos
+    attention function."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    for config in configs.values():
+        config._attn_implementation_internal = BCOS_ATTENTION
+        for key in getattr(config, "sub_configs", {}):
+            sub = getattr(config, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation_internal"):
+                sub._attn_implementation_internal = BCOS_ATTENTION
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned constants
+# ----------------------------------------------------------------------------------------------
+
+
+def token_units(encoded_pixels: torch.Tensor, reader: nn.Conv2d, num_tokens: int) -> torch.Tensor:
+    """(N, num_tokens, 1): per token, the mean of x_c + (1 - x_c) over the pixels it belongs to.
+
+    Identically 1 for an encoded image, yet linear in the input. The last H'·W' tokens are the
+    patches of ``reader``'s output grid (their receptive fields); any tokens before them (class,
+    register, distillation tokens) belong to the whole image. A layout of tokens other than
+    that (fewer tokens than patches) is refused.
+    """
+    channels = encoded_pixels.shape[1] // 2
+    ones = (encoded_pixels[:, :channels] + encoded_pixels[:, channels:]).mean(1, keepdim=True)
+    padding = reader.padding if not isinstance(reader.padding, str) else 0
+    per_patch = F.avg_pool2d(ones, reader.kernel_size, reader.stride, padding, count_include_pad=False).flatten(1)
+    prefix = num_tokens - per_patch.shape[1]
+    if prefix < 0:
+        raise ValueError(f"Cannot place {num_tokens} tokens on a grid of {per_patch.shape[1]} patches.")
+    per_image = ones.mean(dim=(1, 2, 3)).unsqueeze(1).expand(-1, prefix)
+    return torch.cat([per_image, per_patch], dim=1).unsqueeze(-1)
+
+
+class LinearizedConstants:
+    """A forward hook on the module that turns pixels into tokens and adds learned constants.
+
+    Its output is E(x) = P(x) + c with P homogeneous (the B-cos patch projection) and c the
+    constants (E(0)). The hook returns P(x) + c·u(x), where u = `token_units` is 1 for an
+    encoded image: the value is unchanged, but the constants are linear in the input and the
+    explanation attributes each uniformly to the pixels of its token. A token-free output
+    (a feature map) gets u from the pixels under each position.
+    """
+
+    def __init__(self, reader: nn.Conv2d):
+        self.reader = reader
+        self._computing_constants = False
+
+    def __call__(self, module, args, kwargs, output):
+        tokens = output[0] if isinstance(output, tuple) else output
+        if self._computing_constants or not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            return output
+        if args:
+            encoded, zeros_args, zeros_kwargs = args[0], (torch.zeros_like(args[0]), *args[1:]), kwargs
+        else:  # the pixels passed by keyword: the first 4-D tensor
+            key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() == 4)
+            encoded, zeros_args, zeros_kwargs = kwargs[key], (), {**kwargs, key: torch.zeros_like(kwargs[key])}
+        self._computing_constants = True
+        try:
+            with torch.no_grad():
+                constants = module(*zeros_args, **zeros_kwargs)
+        finally:
+            self._computing_constants = False
+        constants = constants[0] if isinstance(constants, tuple) else constants
+        units = token_units(encoded, self.reader, tokens.shape[1]).to(tokens.dtype)
+        linear = tokens + constants * (units - 1)
+        return (linear, *output[1:]) if isinstance(output, tuple) else linear
+
+
+def _holds_constants(module: nn.Module) -> bool:
+    own = any(p is not None for p in module._parameters.values())
+    return own or any(isinstance(child, nn.Embedding) for child in module.children())
+
+
+def constants_module(model: nn.Module, reader: nn.Conv2d) -> Optional[nn.Module]:
+    """The innermost module around the pixel reader that holds learned constants of its own
+    (parameters, or an embedding table of positions), or None."""
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    module = parents.get(id(reader))
+    while module is not None and module is not model:
+        if _holds_constants(module):
+            return module
+        module = parents.get(id(module))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules
+# ----------------------------------------------------------------------------------------------
+
+
+def _swap_class(module: nn.Module, cls: type) -> None:
+    """Make ``module`` an instance of its B-cos counterpart ``cls``, keeping its tensors."""
+    module.__class__ = cls
+
+
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """Whether a subclass of ``base`` replaces its forward (then no rule for ``base`` applies)."""
+    return type(module).forward is not base.forward
+
+
+def _drop(module: nn.Module, name: str, keep_bias: bool) -> None:
+    if not keep_bias and getattr(module, name, None) is not None:
+        module.register_parameter(name, None)
+
+
+def _convert_conv(module: nn.Conv2d, b: float, keep_bias: bool) -> Optional[str]:
+    if _own_forward(module, nn.Conv2d):
+        return "a subclass with a forward of its own"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    _swap_class(module, BcosConv2d)
+    module.b, module.normalize_weights, module.encoded_image_input = float(b), False, False
+    _drop(module, "bias", keep_bias)
+    return None
+
+
+def _convert_linear(module: nn.Linear, b: float, keep_bias: bool) -> Optional[str]:
+    if _own_forward(module, nn.Linear):
+        return "a subclass with a forward of its own"
+    _swap_class(module, BcosLinear)
+    module.b, module.normalize_weights, module.recompute_response = float(b), False, False
+    _drop(module, "bias", keep_bias)
+    return None
+
+
+def _convert_batchnorm(module: nn.BatchNorm2d, b: float, keep_bias: bool) -> Optional[str]:
+    if _own_forward(module, nn.BatchNorm2d) and type(module).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return "a subclass with a forward of its own"
+    if module.weight is None or not module.track_running_stats:
+        return "no affine weight or no running statistics"
+    _swap_class(module, BcosBatchNorm2d)
+    _drop(module, "bias", keep_bias)
+    return None
+
+
+def _convert_layernorm(module: nn.LayerNorm, b: float, keep_bias: bool) -> Optional[str]:
+    if module.weight is None:
+        return "no affine weight"
+    channels_first = getattr(module, "data_format", "channels_last") == "channels_first"
+    if _own_forward(module, nn.LayerNorm) and not hasattr(module, "data_format"):
+        # ConvNeXt's layer norms only add a data format; any other forward of their own is unknown.
+        return "a subclass with a forward of its own"
+    if len(module.normalized_shape) != 1:
+        return f"normalized_shape {tuple(module.normalized_shape)} (one dimension is supported)"
+    _swap_class(module, BcosLayerNorm)
+    module.channels_first = channels_first
+    _drop(module, "bias", keep_bias)
+    return None
+
+
+# (module type, rule) in the order they are tried; a rule returns None, or why it cannot apply.
+IN_PLACE_RULES = (
+    (nn.Conv2d, _convert_conv),
+    (nn.Linear, _convert_linear),
+    (nn.BatchNorm2d, _convert_batchnorm),
+    (nn.LayerNorm, _convert_layernorm),
+)
+
+
+def _wrapping_rule(module: nn.Module, keep_bias: bool) -> Optional[nn.Module]:
+    """The module that replaces ``module`` in its parent, or None."""
+    if isinstance(module, ExplainableModule):
+        return None
+    if isinstance(module, ACTIVATION_CLASSES):
+        return GatedActivation(module)
+    if _is_gating_module(module):
+        return DetachedGate(module)
+    if type(module).__name__.endswith("GRN") and isinstance(getattr(module, "weight", None), nn.Parameter):
+        return BcosGlobalResponseNorm(module.weight, module.bias if keep_bias else None)
+    return None
+
+
+def bcosify_modules(model: nn.Module, b: float, keep_bias: bool) -> list:
+    """Apply the rules to every module of ``model``, in place. Returns the modules left as they
+    are because no rule covers them: ``[(qualified name, type name, reason)]``."""
+    left = []
+    replacements = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ExplainableModule):
+            continue
+        for base, rule in IN_PLACE_RULES:
+            if isinstance(module, base):
+                reason = rule(module, b, keep_bias)
+                if reason:
+                    left.append((name, type(module).__name__, reason))
+                break
+        else:
+            replacement = _wrapping_rule(module, keep_bias)
+            if replacement is not None:
+                replacements[id(module)] = replacement
+            elif isinstance(module, UNSUPPORTED_MODULES):
+                left.append((name, type(module).__name__, "no B-cos rule for this module type"))
+    # Found first, replaced after: a replacement holds the module it replaces as its child.
+    slots = [(parent, key) for parent in model.modules() for key, child in parent._modules.items() if id(child) in replacements]
+    for parent, key in slots:
+        parent._modules[key] = replacements[id(parent._modules[key])]
+    use_bcos_attention(model)
+    return left
+
+
+def find_pixel_reader(model: nn.Module, channels: int) -> nn.Conv2d:
+    """The module that reads the pixels: the first convolution of ``model`` (in the order its
+    modules are built) with ``channels`` input channels.
+
+    Found without running the model: models are built on the meta device, where a forward pass
+    would leave meta tensors in the source code's caches (BEiT caches its relative position
+    indices per window size). The conversion check confirms it is the first convolution the
+    forward runs (`conversion.exactness`).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == channels:
+            return module
+    raise ValueError(f"{type(model).__name__} has no convolution that reads {channels}-channel pixels.")
+
+
+def prepare_reader(model: nn.Module, reader: BcosConv2d) -> None:
+    """Mark the pixel reader and make the constants around it linear in the input."""
+    reader.encoded_image_input = True
+    holder = constants_module(model, reader)
+    if holder is not None:
+        holder.register_forward_hook(LinearizedConstants(reader), with_kwargs=True)
