@@ -14,6 +14,33 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 # (`rules.py`) over its own modules and forward: the "rules" family.
 SUPPORTED_BACKBONES = {"vit": "vit", "deit": "vit", "resnet": "resnet", "convnext": "convnext"}
 RULES_FAMILY = "rules"
+# A plain PyTorch classifier (`PlainModuleConfig`), B-cosified by the same rules.
+PLAIN_MODULE_FAMILY = "module"
+
+
+class PlainModuleConfig(PretrainedConfig):
+    r"""What a config can say about a plain PyTorch classifier (an ``nn.Module`` that is not a
+    transformers model): its input, and the class whose code holds the architecture.
+
+    Args:
+        module_class (`str`): the qualified name of the module's class ("my_package.nets.Net"),
+            for messages: the architecture is that class's code, not this config.
+        num_channels (`int`, *optional*, defaults to 3): 1 (grey) or 3 (RGB) pixel channels.
+        image_size (`int` or `(int, int)`, *optional*, defaults to 224): the input size the
+            module takes.
+    """
+
+    model_type = "bcos_plain_module"
+
+    def __init__(self, module_class: str = "", num_channels: int = 3, image_size=224, **kwargs):
+        super().__init__(**kwargs)
+        self.module_class = module_class
+        self.num_channels = num_channels
+        self.image_size = image_size
+
+
+# Registered here, not only in the package: saved folders reload this config without it.
+AutoConfig.register(PlainModuleConfig.model_type, PlainModuleConfig, exist_ok=True)
 
 
 def backbone_family_of(model_type: str) -> str:
@@ -21,6 +48,8 @@ def backbone_family_of(model_type: str) -> str:
     that has no image-classification model in transformers."""
     if model_type in SUPPORTED_BACKBONES:
         return SUPPORTED_BACKBONES[model_type]
+    if model_type == PlainModuleConfig.model_type:
+        return PLAIN_MODULE_FAMILY
     if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         return RULES_FAMILY
     raise ValueError(
@@ -95,9 +124,15 @@ class BcosConfig(PretrainedConfig):
 
     @property
     def backbone_family(self) -> str:
-        """'vit', 'resnet', 'convnext' (hand-written backbones) or 'rules' (the source
-        architecture B-cosified by the module-type rules)."""
+        """'vit', 'resnet', 'convnext' (hand-written backbones), 'rules' (the source
+        architecture B-cosified by the module-type rules) or 'module' (a plain PyTorch classifier,
+        B-cosified by the same rules)."""
         return backbone_family_of(self.backbone_config.model_type)
+
+    @property
+    def num_channels(self) -> int:
+        """The pixel channels the model reads (before the encoding [x, 1 - x] doubles them)."""
+        return getattr(self.backbone_config, "num_channels", 3)
 
     @property
     def image_size(self):

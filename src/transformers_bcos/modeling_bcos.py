@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .configuration_bcos import RULES_FAMILY, BcosConfig
+from .configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, BcosConfig
 from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets
 from .layers import (
     BcosBatchNorm2d,
@@ -403,12 +403,13 @@ class BcosSourceArchitecture(nn.Module):
     whose output depends on them.
     """
 
-    def __init__(self, config: BcosConfig):
+    def __init__(self, config: BcosConfig, model: Optional[nn.Module] = None):
         super().__init__()
-        source_config = encoded_image_config(config.backbone_config, config.num_labels)
-        self.model = AutoModelForImageClassification.from_config(source_config)
+        if model is None:
+            model = AutoModelForImageClassification.from_config(encoded_image_config(config.backbone_config, config.num_labels))
+        self.model = model
         self.unconverted = bcosify_modules(self.model, config.b, config.use_bias)
-        reader = find_pixel_reader(self.model, 2 * getattr(config.backbone_config, "num_channels", 3))
+        reader = find_pixel_reader(self.model, 2 * config.num_channels)
         self._pixel_reader_name = next(name for name, module in self.model.named_modules() if module is reader)
         prepare_reader(self.model, reader)
 
@@ -426,7 +427,50 @@ class BcosSourceArchitecture(nn.Module):
         return logits
 
 
-BACKBONES = {"vit": BcosViTBackbone, "resnet": BcosResNetBackbone, "convnext": BcosConvNextBackbone, RULES_FAMILY: BcosSourceArchitecture}
+class BcosPlainModuleArchitecture(BcosSourceArchitecture):
+    """A plain PyTorch classifier (``source_module``: pixels (N, C, H, W) -> logits) B-cosified by
+    the same rules: a copy of it, whose first convolution reads the encoded (N, 2C, H, W) pixels.
+
+    The architecture is the module's code, so the model is rebuilt from an instance of it (the
+    caller's module is copied, never changed); ``config.backbone_config`` is a
+    `PlainModuleConfig`. The module's forward may return logits, a tuple starting with them or an
+    output with ``logits``; it has no hidden states to give.
+    """
+
+    def __init__(self, config: BcosConfig, source_module: nn.Module):
+        super().__init__(config, widen_pixel_reader(copy.deepcopy(source_module), config.num_channels))
+
+    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        return logits_of(self.model(encoded_pixel_values)), None
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a classifier's output: the tensor itself, its ``logits`` or its first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    return output[0] if logits is None else logits
+
+
+def widen_pixel_reader(module: nn.Module, channels: int) -> nn.Module:
+    """``module`` with its first convolution of ``channels`` input channels made to read twice as
+    many (the encoding [x, 1 - x]); its new weight is allocated here and written by the conversion
+    or by loading."""
+    reader = find_pixel_reader(module, channels)
+    if reader.groups != 1:
+        raise ValueError(f"The convolution that reads the pixels has {reader.groups} groups; B-cosification needs 1.")
+    reader.in_channels = 2 * channels
+    reader.weight = nn.Parameter(reader.weight.new_empty(reader.out_channels, 2 * channels, *reader.kernel_size))
+    return module
+
+
+BACKBONES = {
+    "vit": BcosViTBackbone,
+    "resnet": BcosResNetBackbone,
+    "convnext": BcosConvNextBackbone,
+    RULES_FAMILY: BcosSourceArchitecture,
+    PLAIN_MODULE_FAMILY: BcosPlainModuleArchitecture,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,9 +579,8 @@ class BcosPreTrainedModel(PreTrainedModel):
                 f.write("\n")
 
 
-def check_pixel_values(pixel_values, channels: int = 3, image_size=None, check_range: bool = True) -> None:
+def check_pixel_values(pixel_values, channels: int = 3, image_size=None, check_range: bool = True, name: str = "pixel_values") -> None:
     """Raise a ValueError/TypeError that names the problem with ``pixel_values``, if any."""
-    name = "pixel_values" if channels == 3 else "encoded_pixel_values"
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, {channels}, H, W), got {type(pixel_values).__name__}.")
     if pixel_values.dim() != 4:
@@ -545,7 +588,7 @@ def check_pixel_values(pixel_values, channels: int = 3, image_size=None, check_r
     if pixel_values.shape[1] != channels:
         raise ValueError(
             f"{name} must have {channels} channels, got shape {tuple(pixel_values.shape)}"
-            + (" (B-cos models take RGB in [0, 1] and encode [x, 1-x] themselves)." if channels == 3 else ".")
+            + (" (B-cos models take pixels in [0, 1] and encode [x, 1-x] themselves)." if name == "pixel_values" else ".")
         )
     if not pixel_values.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {pixel_values.dtype}.")
@@ -614,13 +657,29 @@ class BcosImageClassifierOutput(ImageClassifierOutput):
 class BcosForImageClassification(BcosPreTrainedModel):
     """A B-cos image classifier: ``logits = W(x)·x + logit_bias``, explained by `explain()`."""
 
-    def __init__(self, config: BcosConfig):
+    def __init__(self, config: BcosConfig, source_module: Optional[nn.Module] = None):
+        r"""
+        source_module (`nn.Module`, *optional*): for a model converted from a plain PyTorch
+            classifier (``config.backbone_config`` a `PlainModuleConfig`), an instance of its class:
+            its code is the architecture. ``from_pretrained(folder, source_module=Net())`` passes it.
+        """
         super().__init__(config)
-        self.backbone = BACKBONES[config.backbone_family](config)
-        # The rules family classifies with the source architecture's own head.
+        if config.backbone_family == PLAIN_MODULE_FAMILY:
+            if not isinstance(source_module, nn.Module):
+                raise ValueError(
+                    f"This B-cos model was converted from the plain PyTorch module {config.backbone_config.module_class or '(unnamed)'}, "
+                    "whose code is its architecture: pass source_module=<an instance of that class> (to from_pretrained or "
+                    "the constructor)."
+                )
+            self.backbone = BcosPlainModuleArchitecture(config, source_module)
+        elif source_module is not None:
+            raise ValueError(f"source_module applies to models converted from a plain PyTorch module, not to the {config.backbone_family} family.")
+        else:
+            self.backbone = BACKBONES[config.backbone_family](config)
+        # The rules families classify with the source architecture's own head.
         self.classifier = (
             None
-            if config.backbone_family == RULES_FAMILY
+            if config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY)
             else BcosLinear(self.backbone.num_features, config.num_labels, bias=config.use_bias, **_bcos_kwargs(config))
         )
         self.post_init()
@@ -643,13 +702,14 @@ class BcosForImageClassification(BcosPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def encode_inputs(self, pixel_values=None, encoded_pixel_values=None) -> torch.Tensor:
-        """Validate the input and return it in the 6-channel encoding [x, 1-x]."""
+        """Validate the input and return it in the encoding [x, 1-x] (6 channels for RGB)."""
+        channels = self.config.num_channels
         if (pixel_values is None) == (encoded_pixel_values is None):
-            raise ValueError("Pass exactly one of pixel_values (N, 3, H, W) or encoded_pixel_values (N, 6, H, W).")
+            raise ValueError(f"Pass exactly one of pixel_values (N, {channels}, H, W) or encoded_pixel_values (N, {2 * channels}, H, W).")
         if encoded_pixel_values is not None:
-            check_pixel_values(encoded_pixel_values, 6, self.config.image_size, check_range=False)
+            check_pixel_values(encoded_pixel_values, 2 * channels, self.config.image_size, check_range=False, name="encoded_pixel_values")
             return encoded_pixel_values
-        check_pixel_values(pixel_values, 3, self.config.image_size)
+        check_pixel_values(pixel_values, channels, self.config.image_size)
         return encode_pixel_values(pixel_values)
 
     def forward(

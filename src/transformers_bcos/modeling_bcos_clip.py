@@ -297,7 +297,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
         if (pixel_values is None) == (encoded_pixel_values is None):
             raise ValueError("Pass exactly one of pixel_values (N, 3, H, W) or encoded_pixel_values (N, 6, H, W).")
         if encoded_pixel_values is not None:
-            check_pixel_values(encoded_pixel_values, 6, self.config.image_size, check_range=False)
+            check_pixel_values(encoded_pixel_values, 6, self.config.image_size, check_range=False, name="encoded_pixel_values")
             x = encoded_pixel_values
         else:
             check_pixel_values(pixel_values, 3, self.config.image_size)

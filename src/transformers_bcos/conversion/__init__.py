@@ -1,6 +1,8 @@
-"""B-cosification: convert a pretrained transformers image classifier into a B-cos model.
+"""B-cosification: convert a pretrained image classifier into a B-cos model.
 
-Any image classifier of transformers converts. Its architecture is built again with the
+Any image classifier of transformers converts, and so does a plain PyTorch classifier (an
+``nn.Module`` from pixels (N, C, H, W) to logits, given its input normalisation and size).
+A transformers architecture is built again with the
 module-type rules of `rules.py` applied (the "rules" family: the source's own modules and
 forward, each convolution, linear layer, norm, activation, gate and attention made B-cos), and
 the source's tensors are installed under their own keys (`copy_tensors_by_key`). ViT, DeiT,
@@ -38,9 +40,10 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from .._compat import AutoImageProcessor
-from ..configuration_bcos import RULES_FAMILY, SUPPORTED_BACKBONES, BcosConfig, backbone_family_of
+from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, SUPPORTED_BACKBONES, BcosConfig, PlainModuleConfig, backbone_family_of
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES
-from ..modeling_bcos import BcosForImageClassification
+from ..modeling_bcos import BcosForImageClassification, logits_of
+from ..rules import find_pixel_reader
 from .exactness import ExactnessError, check_exactness
 
 try:
@@ -291,6 +294,38 @@ def _is_clip_source(src, **kwargs) -> bool:
     return False
 
 
+def _plain_module_config(module: nn.Module, image_mean, image_std, image_size) -> tuple:
+    """(PlainModuleConfig, number of classes) of a plain PyTorch classifier, validated: the
+    normalisation has one value per channel, and the module maps such pixels to (1, K) logits."""
+    if image_mean is None or image_std is None or image_size is None:
+        raise ValueError(
+            f"{type(module).__name__} is a plain PyTorch module: pass image_mean=, image_std= (the normalisation it was "
+            "trained with, one value per channel) and image_size= (the input size it takes)."
+        )
+    mean = [float(v) for v in (image_mean if isinstance(image_mean, (list, tuple)) else [image_mean])]
+    std = [float(v) for v in (image_std if isinstance(image_std, (list, tuple)) else [image_std])]
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise ValueError(f"image_mean and image_std must have one value per pixel channel (1 or 3), got {len(mean)} and {len(std)}.")
+    if not all(math.isfinite(v) for v in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+        raise ValueError(f"image_mean must be finite and image_std finite and > 0, got {mean} and {std}.")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
+    find_pixel_reader(module, len(mean))  # raises when no convolution reads the pixels
+    probe = copy.deepcopy(module).eval()
+    try:
+        with torch.no_grad():
+            logits = logits_of(probe(torch.zeros(1, len(mean), *size, dtype=next(module.parameters()).dtype)))
+    except Exception as error:  # noqa: BLE001 - any failure of the caller's code means the same thing here
+        raise ValueError(f"{type(module).__name__} does not take ({len(mean)}, {size[0]}, {size[1]}) pixels: {error}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        raise ValueError(f"{type(module).__name__} must return logits of shape (N, classes), got {getattr(logits, 'shape', type(logits).__name__)}.")
+    config = PlainModuleConfig(
+        module_class=f"{type(module).__module__}.{type(module).__qualname__}", num_channels=len(mean), image_size=list(size)
+    )
+    return config, logits.shape[1], mean, std
+
+
 def _load_source(src, image_processor, **kwargs):
     if isinstance(src, PreTrainedModel):
         _check_model_type(src.config.model_type, type(src).__name__)
@@ -300,7 +335,7 @@ def _load_source(src, image_processor, **kwargs):
         _check_model_type(config.model_type, str(src))
         model = AutoModelForImageClassification.from_pretrained(src, **kwargs)
     else:
-        raise TypeError(f"src must be a Hub id, a local folder or a PreTrainedModel, got {type(src).__name__}.")
+        raise TypeError(f"src must be a Hub id, a local folder, a PreTrainedModel or an nn.Module, got {type(src).__name__}.")
     classifiers = _image_classifier_names(model.config.model_type)
     if type(model).__name__ not in classifiers:
         raise ValueError(
@@ -343,11 +378,14 @@ def _processor_settings(image_processor) -> tuple:
 
 
 def bcosify_pretrained(
-    src: Union[str, os.PathLike, PreTrainedModel],
+    src: Union[str, os.PathLike, PreTrainedModel, nn.Module],
     b: float = 2.0,
     keep_bias: bool = False,
     *,
     image_processor=None,
+    image_mean=None,
+    image_std=None,
+    image_size=None,
     logit_bias: Optional[float] = None,
     check: bool = True,
     **from_pretrained_kwargs,
@@ -356,12 +394,18 @@ def bcosify_pretrained(
 
     Args:
         src: a Hub id, a local folder written by ``save_pretrained``, or a model instance: any
-            image classifier of transformers (a class of ``AutoModelForImageClassification``).
+            image classifier of transformers (a class of ``AutoModelForImageClassification``), or
+            a plain PyTorch classifier (an ``nn.Module`` from (N, C, H, W) pixels, C = 1 or 3, to
+            logits, whose first convolution reads the pixels). The B-cos model of a plain module
+            runs a copy of it; it saves like any other, and loads with
+            ``BcosForImageClassification.from_pretrained(folder, source_module=<an instance of its class>)``.
         b: the B-cos exponent (2 for B-cos models; 1 with ``keep_bias=True`` reproduces the source).
         keep_bias: keep biases and batch-norm centring (False for B-cos models).
         image_processor: the source's image processor (object or dict), if it cannot be loaded from
             ``src``. Its mean/std are folded into the first layer; the B-cos model's processor is
             the same without normalisation.
+        image_mean, image_std, image_size: for a plain PyTorch module (only): the normalisation it
+            was trained with (one value per channel) and the input size it takes (int or (H, W)).
         logit_bias: the fixed constant added to every logit; by default -log(C-1), or 0 with
             ``keep_bias=True`` so that the source logits are reproduced.
         check: run `check_exactness` before returning (one float64 pass on a small random image,
@@ -382,25 +426,40 @@ def bcosify_pretrained(
         return bcosify_clip(
             src, b=b, keep_bias=keep_bias, image_processor=image_processor, tokenizer=tokenizer, **from_pretrained_kwargs
         )
-    source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
-    mean, std, processor_dict = _processor_settings(processor)
+    plain_module = isinstance(src, nn.Module) and not isinstance(src, PreTrainedModel)
+    if not plain_module and (image_mean, image_std, image_size) != (None, None, None):
+        raise ValueError(
+            "image_mean, image_std and image_size apply to plain PyTorch modules; a transformers model's normalisation "
+            "comes from its image processor (pass image_processor= if it cannot be loaded with the model)."
+        )
+    if plain_module:
+        if image_processor is not None or from_pretrained_kwargs:
+            unexpected = ["image_processor"] * (image_processor is not None) + sorted(from_pretrained_kwargs)
+            raise ValueError(f"{', '.join(unexpected)} do not apply to a plain PyTorch module (pass image_mean=, image_std=, image_size=).")
+        source = src
+        backbone_config, num_labels, mean, std = _plain_module_config(src, image_mean, image_std, image_size)
+        labels = {"num_labels": num_labels}
+        processor_dict = None
+    else:
+        source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
+        mean, std, processor_dict = _processor_settings(processor)
+        backbone_config = copy.deepcopy(source.config)
+        labels = {"id2label": dict(source.config.id2label), "label2id": dict(source.config.label2id)}
 
-    source_config = source.config
     config = BcosConfig(
-        backbone_config=copy.deepcopy(source_config),
+        backbone_config=backbone_config,
         b=b,
         use_bias=keep_bias,
         logit_bias=(0.0 if keep_bias else None) if logit_bias is None else logit_bias,
         normalize_weights=False,
         image_processor=processor_dict,
-        id2label=dict(source_config.id2label),
-        label2id=dict(source_config.label2id),
+        **labels,
     )
     # Built on the meta device: every tensor is then installed from the source, none allocated twice.
     with torch.device("meta"), no_init_weights():
-        model = BcosForImageClassification(config)
-    share = not isinstance(src, PreTrainedModel)
-    if config.backbone_family == RULES_FAMILY:
+        model = BcosForImageClassification(config, **({"source_module": source} if plain_module else {}))
+    share = isinstance(src, (str, os.PathLike))
+    if config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY):
         written = copy_tensors_by_key(source, model.backbone.model, model.backbone.pixel_reader, mean, std, share)
     else:
         written = copy_units(source, model, mean, std, share)

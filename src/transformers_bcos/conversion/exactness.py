@@ -16,6 +16,7 @@ from torch import nn
 
 from ..explanation import explanation_mode
 from ..layers import ExplainableModule
+from ..modeling_bcos import logits_of
 
 # Relative errors in float64 are ~1e-15 for exact conversions. A module that breaks exactness
 # can weigh little in a freshly converted model (B-cos layers shrink what passes through them):
@@ -64,8 +65,7 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     are refused by name. Returns the measured relative errors.
     """
     check_model = copy.deepcopy(model).double().eval()
-    channels = getattr(model.config.backbone_config, "num_channels", 3)
-    x = _check_image(check_model, channels)
+    x = _check_image(check_model, model.config.num_channels)
     _refuse_unconverted(check_model, x)
     _check_pixel_reader(check_model, x)
     errors = {}
@@ -78,7 +78,7 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         mean_t = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
         std_t = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         with torch.no_grad():
-            expected = reference((x - mean_t) / std_t).logits
+            expected = logits_of(reference((x - mean_t) / std_t))
             logits = check_model(x).logits
         errors["equivalence"] = relative_error(logits, expected, expected)
     if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
