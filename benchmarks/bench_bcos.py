@@ -78,6 +78,12 @@ def source_model(name: str, image_size: int = 224):
         )
     if name == "vit_base":
         return ViTForImageClassification(ViTConfig(image_size=image_size, num_labels=1000))
+    if name == "dinov2_small":
+        from transformers import Dinov2Config, Dinov2ForImageClassification
+
+        return Dinov2ForImageClassification(
+            Dinov2Config(image_size=image_size, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, num_labels=1000)
+        )
     raise ValueError(name)
 
 
@@ -431,29 +437,38 @@ def bench_memory(args) -> list:
 
 
 def bench_conversion(args) -> list:
+    """Loading a checkpoint as it is against B-cosifying it, with and without the exactness check
+    (one float64 pass, `transformers_bcos.conversion.exactness`): for a hand-written backbone
+    (ViT-B/16) and for a family B-cosified by the module-type rules (DINOv2-S/14)."""
     from transformers import AutoModelForImageClassification
 
     from transformers_bcos import bcosify_pretrained
 
-    with tempfile.TemporaryDirectory() as folder:
-        source_model("vit_base", args.image_size).save_pretrained(folder)
-        processor(args.image_size).save_pretrained(folder)
-        times = interleaved(
+    rows = []
+    for name, label in (("vit_base", "ViT-B/16 (86M parameters)"), ("dinov2_small", "DINOv2-S/14 (22M parameters, rules)")):
+        with tempfile.TemporaryDirectory() as folder:
+            source_model(name, args.image_size).save_pretrained(folder)
+            processor(args.image_size).save_pretrained(folder)
+            times = interleaved(
+                {
+                    "from_pretrained": lambda: AutoModelForImageClassification.from_pretrained(folder),
+                    "bcosify_unchecked": lambda: bcosify_pretrained(folder, check=False),
+                    "bcosify_checked": lambda: bcosify_pretrained(folder),
+                },
+                max(3, args.repeats // 2),
+                "cpu",
+            )
+        rows.append(
             {
-                "from_pretrained": lambda: AutoModelForImageClassification.from_pretrained(folder),
-                "bcosify_pretrained": lambda: bcosify_pretrained(folder),
-            },
-            max(3, args.repeats // 2),
-            "cpu",
+                "checkpoint": f"{label}, local folder",
+                "from_pretrained_s": times["from_pretrained"],
+                "bcosify_pretrained_check_false_s": times["bcosify_unchecked"],
+                "ratio_check_false": times["bcosify_unchecked"] / times["from_pretrained"],
+                "bcosify_pretrained_s": times["bcosify_checked"],
+                "check_s": times["bcosify_checked"] - times["bcosify_unchecked"],
+            }
         )
-    return [
-        {
-            "checkpoint": "ViT-B/16 (86M parameters), local folder",
-            "from_pretrained_s": times["from_pretrained"],
-            "bcosify_pretrained_s": times["bcosify_pretrained"],
-            "ratio": times["bcosify_pretrained"] / times["from_pretrained"],
-        }
-    ]
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ COMPLETENESS_TOLERANCE = 1e-10
 EQUIVALENCE_TOLERANCE = 1e-6
 # The side of the random check image, where the model accepts other sizes than its own.
 CHECK_IMAGE_SIZE = 64
+# Where the rules families' source architecture sits in a B-cos model.
+UNCONVERTED_PREFIX = "backbone.model."
 
 
 class ExactnessError(ValueError):
@@ -35,19 +37,6 @@ class ExactnessError(ValueError):
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor) -> float:
     return float((value - reference).abs().max() / scale.abs().max().clamp_min(torch.finfo(scale.dtype).tiny))
-
-
-def _check_image(model, channels: int) -> torch.Tensor:
-    """A random image of `CHECK_IMAGE_SIZE` px if the model takes it, else of its own size."""
-    generator = torch.Generator().manual_seed(0)
-    small = torch.rand(1, channels, CHECK_IMAGE_SIZE, CHECK_IMAGE_SIZE, dtype=torch.float64, generator=generator)
-    try:
-        with torch.no_grad():
-            model(small)
-        return small
-    except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
-        size = _own_image_size(model)
-        return torch.rand(1, channels, *size, dtype=torch.float64, generator=generator)
 
 
 def _own_image_size(model) -> tuple:
@@ -65,9 +54,9 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     are refused by name. Returns the measured relative errors.
     """
     check_model = copy.deepcopy(model).double().eval()
-    x = _check_image(check_model, model.config.num_channels)
-    _refuse_unconverted(check_model, x)
-    _check_pixel_reader(check_model, x)
+    x, logits, convolutions, probes = _probed_forward(check_model, model.config.num_channels)
+    _refuse_unconverted(logits, probes)
+    _check_pixel_reader(check_model, convolutions)
     errors = {}
     if not check_model.config.use_bias:  # additive terms are not attributed to pixels
         explanation = check_model.explain(x)
@@ -79,8 +68,7 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         std_t = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         with torch.no_grad():
             expected = logits_of(reference((x - mean_t) / std_t))
-            logits = check_model(x).logits
-        errors["equivalence"] = relative_error(logits, expected, expected)
+        errors["equivalence"] = relative_error(logits.detach(), expected, expected)
     if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
         culprits = nonlinear_modules(check_model, check_model.encode_inputs(x))
         named = "; ".join(f"{name} ({kind}, relative error {error:.1e})" for name, kind, error in culprits) or "none found"
@@ -97,34 +85,14 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     return errors
 
 
-def _check_pixel_reader(model, x: torch.Tensor) -> None:
-    """The convolution the rules took for the pixel reader must be the first the forward runs."""
-    reader = getattr(model.backbone, "pixel_reader", None)
-    if reader is None:
-        return
-    called = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: called.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not called or called[0] is not reader:
-        names = {m: n for n, m in model.named_modules()}
-        first = names[called[0]] if called else "none"
-        raise ExactnessError(
-            f"The model's first convolution ({names[reader]}) is not the first one its forward runs ({first}): the module "
-            "that reads the pixels cannot be found, so the input normalisation cannot be folded into it."
-        )
+def _probed_forward(model, channels: int):
+    """One forward pass of the float64 ``model`` on a random image (`CHECK_IMAGE_SIZE` px if the
+    model takes it, else its own size), recording the convolutions in the order they run and
+    scaling the output of every unconverted module by a probe (1, with a gradient).
 
-
-def _refuse_unconverted(model, x: torch.Tensor) -> None:
-    """Raise naming the unconverted modules whose output reaches the logits (modules that run
-    but feed nothing the classifier reads, such as SigLIP's unused pooling head, are fine)."""
+    Returns (image, logits, convolutions run, {unconverted entry: probe})."""
     modules = dict(model.named_modules())
-    prefix = "backbone.model."
-    probes = {}
+    convolutions, probes = [], {}
 
     def probe(entry):
         def hook(module, args, output):
@@ -134,20 +102,49 @@ def _refuse_unconverted(model, x: torch.Tensor) -> None:
 
         return hook
 
-    unconverted = getattr(model.backbone, "unconverted", [])
-    hooks = [modules[prefix + entry[0]].register_forward_hook(probe(entry)) for entry in unconverted]
+    hooks = [m.register_forward_pre_hook(lambda m, args: convolutions.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [modules[UNCONVERTED_PREFIX + entry[0]].register_forward_hook(probe(entry)) for entry in getattr(model.backbone, "unconverted", [])]
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(CHECK_IMAGE_SIZE, CHECK_IMAGE_SIZE), _own_image_size(model)]
     try:
-        with torch.enable_grad():
-            logits = model(x).logits
+        for attempt, size in enumerate(sizes):
+            x = torch.rand(1, channels, *size, dtype=torch.float64, generator=generator)
+            convolutions.clear()
+            probes.clear()
+            try:
+                with torch.enable_grad():
+                    return x, model(x).logits, convolutions, probes
+            except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
+                if attempt == len(sizes) - 1:
+                    raise
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _check_pixel_reader(model, convolutions: list) -> None:
+    """The convolution the rules took for the pixel reader must be the first the forward runs."""
+    reader = getattr(model.backbone, "pixel_reader", None)
+    if reader is None:
+        return
+    if not convolutions or convolutions[0] is not reader:
+        names = {m: n for n, m in model.named_modules()}
+        first = names[convolutions[0]] if convolutions else "none"
+        raise ExactnessError(
+            f"The model's first convolution ({names[reader]}) is not the first one its forward runs ({first}): the module "
+            "that reads the pixels cannot be found, so the input normalisation cannot be folded into it."
+        )
+
+
+def _refuse_unconverted(logits: torch.Tensor, probes: dict) -> None:
+    """Raise naming the unconverted modules whose output reaches the logits (modules that run
+    but feed nothing the classifier reads, such as SigLIP's unused pooling head, are fine)."""
     if not probes:
         return
     gradients = torch.autograd.grad(logits.sum(), list(probes.values()), allow_unused=True)
     reaching = [entry for entry, gradient in zip(probes, gradients) if gradient is not None]
     if reaching:
-        listed = "; ".join(f"{prefix}{name} ({kind}: {reason})" for name, kind, reason in reaching)
+        listed = "; ".join(f"{UNCONVERTED_PREFIX}{name} ({kind}: {reason})" for name, kind, reason in reaching)
         raise ExactnessError(f"The source model's output depends on modules that no B-cos rule covers: {listed}.")
 
 
