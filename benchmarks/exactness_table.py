@@ -23,6 +23,7 @@ import time
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from transformers_bcos import bcosify_pretrained
 from transformers_bcos.conversion import check_exactness
@@ -31,8 +32,9 @@ from transformers_bcos.training.batchnorm import reestimate_batchnorm_statistics
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PROCESSOR = {"do_normalize": True, "image_mean": MEAN, "image_std": STD, "do_rescale": True, "rescale_factor": 1 / 255}
 
-# model type -> the config's arguments, where its default is not an ImageNet-sized model
-# (EfficientNet's default is B7 at 600 px: B0 here).
+# model type -> the config's arguments, where its default is not the usual ImageNet model
+# (EfficientNet's default is B7 at 600 px: B0 here; BEiT's pretrained checkpoints use relative
+# position biases, its default config does not).
 FAMILIES = {
     "vit": {},
     "deit": {},
@@ -40,7 +42,7 @@ FAMILIES = {
     "convnext": {},
     "dinov2": {},
     "swin": {},
-    "beit": {},
+    "beit": {"use_relative_position_bias": True},
     "convnextv2": {},
     "regnet": {},
     "efficientnet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 224, "hidden_dim": 1280},
@@ -78,7 +80,10 @@ def completeness_error(explanation) -> float:
 
 def measure(model_type: str, overrides: dict) -> dict:
     torch.manual_seed(0)
-    source = randomized(AutoModelForImageClassification.from_config(AutoConfig.for_model(model_type, num_labels=10, **overrides)))
+    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
+    classifier = classes if isinstance(classes, str) else classes[0]  # DeiT has two: without and with a teacher
+    config = AutoConfig.for_model(model_type, num_labels=10, architectures=[classifier], **overrides)
+    source = randomized(AutoModelForImageClassification.from_config(config))
     equivalent = bcosify_pretrained(source, b=1, keep_bias=True, image_processor=PROCESSOR, check=False)
     equivalence = check_exactness(equivalent, source, MEAN, STD)["equivalence"]
     started = time.perf_counter()
@@ -105,14 +110,21 @@ def measure(model_type: str, overrides: dict) -> dict:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help="Comma-separated model types.")
+    parser.add_argument(
+        "--families", default=",".join(FAMILIES), help="Comma-separated model types (any of AutoModelForImageClassification; default configs)."
+    )
     parser.add_argument("--json", help="Also write the rows, with the machine, to this JSON file.")
     args = parser.parse_args(argv)
     rows = []
     print("| family | parameters (M) | b = 1 equivalence, float64 | completeness, float64 | completeness, float32 | conversion (s) | check (s) |")
     print("|---|---|---|---|---|---|---|")
     for model_type in args.families.split(","):
-        row = measure(model_type, FAMILIES[model_type])
+        try:
+            row = measure(model_type, FAMILIES.get(model_type, {}))
+        except Exception as error:  # noqa: BLE001 - a model type outside the supported list may fail anywhere
+            rows.append({"family": model_type, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
+            print(f"| {model_type} | {rows[-1]['error'][:300]} |", flush=True)
+            continue
         rows.append(row)
         print(
             f"| {model_type} | {row['parameters_m']:.1f} | {row['equivalence_b1_float64']:.1e} | {row['completeness_float64']:.1e} "

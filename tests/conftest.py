@@ -308,15 +308,19 @@ RULES_PROCESSOR = {"do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std
 
 
 def tiny_rules_source(family: str, seed: int = 0):
-    """A tiny standard classifier of a rules family, with norms, biases, tokens and scales far
-    from their initial values (so that a converter that drops or misplaces one is caught), and
-    weights of a trained model's scale (std 1/sqrt(fan-in)): with transformers' initial std of
-    0.02, a B-cos model without biases passes on ~1e-4 of its signal per block, and EfficientNet's
-    logits underflow to 0."""
+    """A tiny standard classifier of a rules family, `randomized_source`."""
     from transformers import AutoConfig, AutoModelForImageClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForImageClassification.from_config(AutoConfig.for_model(family, **RULE_FAMILY_CONFIGS[family], **RULE_LABELS))
+    return randomized_source(AutoModelForImageClassification.from_config(AutoConfig.for_model(family, **RULE_FAMILY_CONFIGS[family], **RULE_LABELS)))
+
+
+def randomized_source(model):
+    """``model`` (in eval mode) with norms, biases, tokens and scales far from their initial
+    values (so that a converter that drops or misplaces one is caught), and weights of a trained
+    model's scale (std 1/sqrt(fan-in)): with transformers' initial std of 0.02, a B-cos model
+    without biases passes on ~1e-4 of its signal per block, and EfficientNet's logits underflow
+    to 0. (benchmarks/exactness_table.py does the same to models of the usual size.)"""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

@@ -176,7 +176,7 @@ def test_saved_folder_loads_without_the_package(tmp_path):
         ({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.2, 0.2, 0.2]}, r"plain PyTorch module: pass image_mean=, image_std= .* image_size="),
         ({"image_mean": [0.5, 0.5], "image_std": [0.2, 0.2, 0.2], "image_size": SIZE}, r"one value per pixel channel \(1 or 3\), got 2 and 3"),
         ({"image_mean": [0.5] * 3, "image_std": [0.2, 0.0, 0.2], "image_size": SIZE}, r"image_std finite and > 0"),
-        ({"image_mean": [0.5], "image_std": [0.2], "image_size": SIZE}, r"SmallCNN has no convolution that reads 1-channel pixels"),
+        ({"image_mean": [0.5], "image_std": [0.2], "image_size": SIZE}, r"SmallCNN has no convolution that reads its 1-channel pixels: B-cosification folds"),
         ({"image_mean": [0.5] * 3, "image_std": [0.2] * 3, "image_size": 20}, r"SmallCNN does not take \(3, 20, 20\) pixels"),
         ({"image_mean": [0.5] * 3, "image_std": [0.2] * 3, "image_size": SIZE, "revision": "main"}, r"revision do not apply to a plain PyTorch module"),
     ],

@@ -19,6 +19,7 @@ from conftest import (
     RULES_PROCESSOR,
     completeness_error,
     run_without_package,
+    randomized_source,
     tiny_rules_source,
 )
 from safetensors.torch import load_file, save_file
@@ -202,6 +203,49 @@ def test_a_module_without_a_rule_is_refused_by_name():
     model = AutoModelForImageClassification.from_config(config).eval()
     with pytest.raises(ExactnessError, match=r"dinov2\.encoder\.layer\.0\.mlp\.activation_fn \(Tanh: no B-cos rule"):
         bcosify_pretrained(model, image_processor=RULES_PROCESSOR)
+
+
+def test_the_check_survives_a_model_that_a_small_image_breaks():
+    """A 224-px Swin refuses the check's 64-px image, and keeps the smaller window that image set
+    (a transformers quirk): the converter then checks a fresh copy at the model's own size."""
+    from transformers import AutoModelForImageClassification
+
+    config = AutoConfig.for_model("swin", embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=224, **RULE_LABELS)
+    torch.manual_seed(0)
+    source = randomized_source(AutoModelForImageClassification.from_config(config))
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(source)(torch.rand(1, 3, 64, 64))
+    model = bcosify_pretrained(source, b=1, keep_bias=True, image_processor=RULES_PROCESSOR)  # checks itself
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, source(normalized(x)).logits, rtol=1e-4, atol=1e-5)
+
+
+# Image classifiers outside the tested families, built of covered module types: no code of their own.
+OTHER_CLASSIFIERS = {
+    "dinov2_with_registers": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8, num_register_tokens=2
+    ),
+    "swinv2": dict(embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, image_size=IMAGE_SIZE, patch_size=4),
+    "mobilenet_v1": dict(depth_multiplier=0.25, image_size=IMAGE_SIZE),
+    "segformer": dict(depths=[1, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2], num_encoder_blocks=2, sr_ratios=[2, 1],
+                      patch_sizes=[7, 3], strides=[4, 2], decoder_hidden_size=16),
+    "vit_msn": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMAGE_SIZE, patch_size=8),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_CLASSIFIERS))
+def test_other_image_classifiers_convert_with_no_code_of_their_own(model_type):
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **OTHER_CLASSIFIERS[model_type], **RULE_LABELS)
+    source = randomized_source(AutoModelForImageClassification.from_config(config))
+    convert(source, b=1, keep_bias=True)  # the converter checks the equivalence itself
+    model = convert(source, b=2, keep_bias=False).double()
+    explanation = model.explain(random_images(dtype=torch.float64))
+    assert explanation.explained_output.abs().min() > 0
+    assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-10
 
 
 def test_a_base_model_is_not_an_image_classifier(rules_sources):

@@ -409,7 +409,7 @@ class BcosSourceArchitecture(nn.Module):
             model = AutoModelForImageClassification.from_config(encoded_image_config(config.backbone_config, config.num_labels))
         self.model = model
         self.unconverted = bcosify_modules(self.model, config.b, config.use_bias)
-        reader = find_pixel_reader(self.model, 2 * config.num_channels)
+        reader = find_pixel_reader(self.model, 2 * config.num_channels, encoded=True)
         self._pixel_reader_name = next(name for name, module in self.model.named_modules() if module is reader)
         prepare_reader(self.model, reader)
 

@@ -369,9 +369,9 @@ def bcosify_modules(model: nn.Module, b: float, keep_bias: bool) -> list:
     return left
 
 
-def find_pixel_reader(model: nn.Module, channels: int) -> nn.Conv2d:
+def find_pixel_reader(model: nn.Module, channels: int, encoded: bool = False) -> nn.Conv2d:
     """The module that reads the pixels: the first convolution of ``model`` (in the order its
-    modules are built) with ``channels`` input channels.
+    modules are built) with ``channels`` input channels (twice the pixel channels if ``encoded``).
 
     Found without running the model: models are built on the meta device, where a forward pass
     would leave meta tensors in the source code's caches (BEiT caches its relative position
@@ -381,7 +381,12 @@ def find_pixel_reader(model: nn.Module, channels: int) -> nn.Conv2d:
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == channels:
             return module
-    raise ValueError(f"{type(model).__name__} has no convolution that reads {channels}-channel pixels.")
+    pixels = f"{channels // 2}-channel pixels (encoded as [x, 1 - x]: {channels} channels)" if encoded else f"{channels}-channel pixels"
+    raise ValueError(
+        f"{type(model).__name__} has no convolution that reads its {pixels}: B-cosification folds the input "
+        "normalisation into that first convolution (a model whose pixels go first through a linear layer or a "
+        "convolution of other channels has no rule yet)."
+    )
 
 
 def prepare_reader(model: nn.Module, reader: BcosConv2d) -> None:

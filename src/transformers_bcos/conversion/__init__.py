@@ -444,7 +444,9 @@ def bcosify_pretrained(
         source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
         mean, std, processor_dict = _processor_settings(processor)
         backbone_config = copy.deepcopy(source.config)
-        labels = {"id2label": dict(source.config.id2label), "label2id": dict(source.config.label2id)}
+        # Some configs (PVT) keep only num_labels, no label names.
+        names = source.config.id2label
+        labels = {"id2label": dict(names), "label2id": dict(source.config.label2id)} if names else {"num_labels": source.config.num_labels}
 
     config = BcosConfig(
         backbone_config=backbone_config,

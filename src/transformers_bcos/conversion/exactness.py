@@ -53,8 +53,7 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     Modules that no rule converted (``model.backbone.unconverted``) and that run in the forward
     are refused by name. Returns the measured relative errors.
     """
-    check_model = copy.deepcopy(model).double().eval()
-    x, logits, convolutions, probes = _probed_forward(check_model, model.config.num_channels)
+    check_model, x, logits, convolutions, probes = _checked_copy(model)
     _refuse_unconverted(logits, probes)
     _check_pixel_reader(check_model, convolutions)
     errors = {}
@@ -85,12 +84,11 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     return errors
 
 
-def _probed_forward(model, channels: int):
-    """One forward pass of the float64 ``model`` on a random image (`CHECK_IMAGE_SIZE` px if the
-    model takes it, else its own size), recording the convolutions in the order they run and
-    scaling the output of every unconverted module by a probe (1, with a gradient).
+def _probed_forward(model, x: torch.Tensor):
+    """One forward pass of the float64 ``model`` on ``x``, recording the convolutions in the order
+    they run and scaling the output of every unconverted module by a probe (1, with a gradient).
 
-    Returns (image, logits, convolutions run, {unconverted entry: probe})."""
+    Returns (logits, convolutions run, {unconverted entry: probe})."""
     modules = dict(model.named_modules())
     convolutions, probes = [], {}
 
@@ -104,22 +102,28 @@ def _probed_forward(model, channels: int):
 
     hooks = [m.register_forward_pre_hook(lambda m, args: convolutions.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [modules[UNCONVERTED_PREFIX + entry[0]].register_forward_hook(probe(entry)) for entry in getattr(model.backbone, "unconverted", [])]
-    generator = torch.Generator().manual_seed(0)
-    sizes = [(CHECK_IMAGE_SIZE, CHECK_IMAGE_SIZE), _own_image_size(model)]
     try:
-        for attempt, size in enumerate(sizes):
-            x = torch.rand(1, channels, *size, dtype=torch.float64, generator=generator)
-            convolutions.clear()
-            probes.clear()
-            try:
-                with torch.enable_grad():
-                    return x, model(x).logits, convolutions, probes
-            except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
-                if attempt == len(sizes) - 1:
-                    raise
+        with torch.enable_grad():
+            return model(x).logits, convolutions, probes
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _checked_copy(model: nn.Module) -> tuple:
+    """(float64 copy of ``model``, random image, and `_probed_forward`'s results on it): the image
+    of `CHECK_IMAGE_SIZE` px if the model takes it, else of its own size. A fresh copy per try:
+    a model can be left broken by an input it refused (Swin keeps the smaller window it set)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(CHECK_IMAGE_SIZE, CHECK_IMAGE_SIZE), _own_image_size(model)]
+    for attempt, size in enumerate(sizes):
+        check_model = copy.deepcopy(model).double().eval()
+        x = torch.rand(1, model.config.num_channels, *size, dtype=torch.float64, generator=generator)
+        try:
+            return (check_model, x, *_probed_forward(check_model, x))
+        except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
+            if attempt == len(sizes) - 1:
+                raise
 
 
 def _check_pixel_reader(model, convolutions: list) -> None:
