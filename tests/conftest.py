@@ -68,21 +68,7 @@ def tiny_source_model(family: str, seed: int = 0):
         raise ValueError(family)
     # Pretrained models have non-identity norms, biases and tokens: randomise them so a converter
     # that drops or misplaces any of them is caught.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.3)
-                module.bias.normal_(0, 0.3)
-            elif isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1, 0.3)
-                module.bias.normal_(0, 0.3)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.bias is not None:
-                module.bias.normal_(0, 0.1)
-        for name, parameter in model.named_parameters():
-            if parameter.dim() == 3 or name.endswith("layer_scale_parameter"):  # tokens, positions, scales
-                parameter.normal_(0, 0.5)
+    randomized_source(model, trained_scale=False)
     processor = ViTImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
     )
@@ -315,12 +301,13 @@ def tiny_rules_source(family: str, seed: int = 0):
     return randomized_source(AutoModelForImageClassification.from_config(AutoConfig.for_model(family, **RULE_FAMILY_CONFIGS[family], **RULE_LABELS)))
 
 
-def randomized_source(model):
+def randomized_source(model, trained_scale: bool = True):
     """``model`` (in eval mode) with norms, biases, tokens and scales far from their initial
-    values (so that a converter that drops or misplaces one is caught), and weights of a trained
-    model's scale (std 1/sqrt(fan-in)): with transformers' initial std of 0.02, a B-cos model
-    without biases passes on ~1e-4 of its signal per block, and EfficientNet's logits underflow
-    to 0. (benchmarks/exactness_table.py does the same to models of the usual size.)"""
+    values (so that a converter that drops or misplaces one is caught), and with
+    ``trained_scale`` weights of a trained model's scale (std 1/sqrt(fan-in)): with transformers'
+    initial std of 0.02, a B-cos model without biases passes on ~1e-4 of its signal per block,
+    and EfficientNet's logits underflow to 0. (benchmarks/exactness_table.py does the same to
+    models of the usual size.)"""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -332,11 +319,13 @@ def randomized_source(model):
                 module.weight.normal_(1, 0.3)
                 module.bias.normal_(0, 0.3)
             elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                module.weight.normal_(0, module.weight[0].numel() ** -0.5)
+                if trained_scale:
+                    module.weight.normal_(0, module.weight[0].numel() ** -0.5)
                 if module.bias is not None:
                     module.bias.normal_(0, 0.1)
         for name, parameter in model.named_parameters():
-            if parameter.dim() == 3 or "lambda" in name or "position" in name or "token" in name or "grn" in name:
+            # tokens, positions, layer scales (ConvNeXt's, BEiT's and DINOv2's lambdas), GRN
+            if parameter.dim() == 3 or any(key in name for key in ("position", "token", "layer_scale", "lambda", "grn")):
                 parameter.normal_(0, 0.5)
     return model.eval()
 
