@@ -7,7 +7,7 @@ from .configuration_bcos import BcosConfig
 from .configuration_bcos_clip import BcosCLIPConfig
 from .conversion import bcosify_pretrained
 from .conversion.clip import bcosify_clip
-from .explanation import BcosExplanationOutput, explanation_mode
+from .explanation import BcosExplanationOutput, Unit, explanation_mode
 from .modeling_bcos import BcosForImageClassification, BcosPreTrainedModel
 from .modeling_bcos_clip import BcosCLIPExplanationOutput, BcosCLIPModel, BcosCLIPZeroShotOutput
 from .pipeline_bcos import IMAGE_EXPLANATION_TASK, ImageExplanationPipeline
@@ -37,6 +37,7 @@ __all__ = [
     "BcosForImageClassification",
     "BcosPreTrainedModel",
     "ImageExplanationPipeline",
+    "Unit",
     "bcosify_clip",
     "bcosify_pretrained",
     "explanation_mode",

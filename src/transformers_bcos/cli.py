@@ -1,7 +1,7 @@
 """The ``transformers-bcos`` command: convert, explain, evaluate and publish B-cos models.
 
     transformers-bcos convert SRC OUT [--b 2] [--keep-bias] [--overwrite]
-    transformers-bcos explain MODEL IMAGE... [--target LABEL|INDEX] [--text PROMPT...] [--out DIR] [--top-k 5] [--overwrite]
+    transformers-bcos explain MODEL IMAGE... [--target LABEL|INDEX | --unit MODULE:CHANNEL] [--text PROMPT...] [--out DIR] [--top-k 5] [--overwrite]
     transformers-bcos evaluate MODEL --dataset DATA [--split SPLIT] [--grid-size 2] [--source SRC] [--save]
     transformers-bcos push DIR ORG/NAME [--dry-run] [--private]
 
@@ -303,6 +303,21 @@ def parse_prompt_target(target, prompts):
     return index
 
 
+def parse_unit(unit: str, model):
+    """--unit MODULE:CHANNEL -> a `Unit` of ``model``, validated (the module exists)."""
+    from .explanation import Unit
+
+    name, _, channel = unit.rpartition(":")
+    if not name or not channel.isdigit():
+        raise CLIError(f"--unit {unit!r}: expected MODULE:CHANNEL, a module name of the model and a channel index (e.g. backbone.stages.1:5).")
+    parsed = Unit(name, channel=int(channel))
+    try:
+        parsed.find_module(model)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    return parsed
+
+
 def output_paths(image_paths, out_dir: str) -> list:
     """One PNG per image, named after it; images that share a name get -2, -3, ... suffixes."""
     paths, taken = [], set()
@@ -356,12 +371,17 @@ def run_explain(args) -> None:
             f"{existing[0]} exists ({len(existing)} of the {len(destinations)} output PNGs do): pass --overwrite to "
             "replace them, or choose another --out."
         )
+    if args.unit and args.target is not None:
+        raise CLIError("--unit and --target both say what to explain: give one.")
     model, processor = load_bcos_model(args.model)
     if model.config.model_type == "bcos":
         if args.text:
             raise CLIError(f"--text is for B-cos CLIP models; {args.model} is an image classifier (choose a class with --target).")
-        target, prompts = parse_class_target(args.target, model.config), None
+        target = parse_unit(args.unit, model) if args.unit else parse_class_target(args.target, model.config)
+        prompts = None
     else:
+        if args.unit:
+            raise CLIError(f"--unit is for B-cos image classifiers; {args.model} is a B-cos CLIP model.")
         if not args.text:
             raise CLIError(f"{args.model} is a B-cos CLIP model: give the texts to compare the images with (--text PROMPT ...).")
         prompts = list(args.text)
@@ -383,22 +403,22 @@ def run_explain(args) -> None:
         pixel_values = processor(images=images[batch], return_tensors="pt")["pixel_values"]
         explanation, scores, names = explain_batch(model, pixel_values, target, prompts)
         top = torch.topk(scores, k=min(args.top_k, scores.shape[-1]), dim=-1)
+        explained_names = [args.unit if args.unit else names[int(index)] for index in explanation.target]
         titles = [
             f"predicted: {names[int(top.indices[i, 0])]} ({score_kind} {float(top.values[i, 0]):.2f})   "
-            f"explained: {names[int(explanation.target[i])]}"
+            f"explained: {explained_names[i]}"
             for i in range(pixel_values.shape[0])
         ]
         panels = explanation_panels(pixel_values, explanation, titles)
         for i, (panel, image_path, destination) in enumerate(zip(panels, args.images[batch], destinations[batch])):
             save_png_atomically(panel, destination)
-            explained = int(explanation.target[i])
             total = float(explanation.contributions[i].double().sum())
             output = float(explanation.explained_output[i])
             print(f"{image_path} -> {destination}")
             for rank, (score, index) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist()), start=1):
                 print(f"  {rank}. {names[index]}  score {score:.3f}")
-            what = "cosine" if prompts is not None else "logit - logit bias"
-            print(f"  explained {names[explained]}: contributions sum to {total:.6g}, {what} {output:.6g}")
+            what = "cosine" if prompts is not None else "unit value" if args.unit else "logit - logit bias"
+            print(f"  explained {explained_names[i]}: contributions sum to {total:.6g}, {what} {output:.6g}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -830,6 +850,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("model", metavar="MODEL", help="A saved B-cos model: folder or Hub id.")
     explain.add_argument("images", metavar="IMAGE", nargs="+", help="Image files, or folders: every image file in them.")
     explain.add_argument("--target", metavar="LABEL|INDEX", help="The class to explain (default: the prediction). CLIP: a --text prompt or its index.")
+    explain.add_argument(
+        "--unit", metavar="MODULE:CHANNEL", help="Explain a channel of a module's output (summed over positions) instead of a class, e.g. backbone.stages.1:5."
+    )
     explain.add_argument("--text", metavar="PROMPT", nargs="+", help="B-cos CLIP: texts to compare each image with; explains the image-text cosine.")
     explain.add_argument("--out", metavar="DIR", default="explanations", help="Output folder (default: ./explanations).")
     explain.add_argument("--top-k", type=positive_int, default=5, help="Predictions to print per image (default: 5).")

@@ -7,6 +7,7 @@ This file travels with saved checkpoints (``trust_remote_code``): it imports tor
 transformers and the standard library only.
 """
 
+import difflib
 import math
 import warnings
 from contextlib import contextmanager
@@ -19,7 +20,94 @@ from transformers.utils import ModelOutput
 
 from .layers import ExplainableModule
 
-TargetType = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit inside the network to explain instead of a class: a channel of the output of the
+    module named ``module`` (a name of ``model.named_modules()``), summed over its positions, or
+    at one ``position``.
+
+    The channel axis is dimension 1 of a feature map (N, C, H, W) or a vector (N, C), the last one
+    of tokens (N, T, C); ``position`` is (h, w) in a feature map or a token index. Or ``select``:
+    a function from the module's output to one value per image (N,), for anything else. In
+    explanation mode every B-cos module's output is linear in the input, so the contributions sum
+    to the unit's value exactly (without additive terms, as for classes); for an activation
+    module that is its output, the gated value, not the input before the gate.
+    """
+
+    module: str
+    channel: Optional[int] = None
+    position: Optional[Union[int, tuple]] = None
+    select: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def __post_init__(self):
+        if not isinstance(self.module, str) or not self.module:
+            raise TypeError(f"Unit.module must be a module name of the model, got {self.module!r}.")
+        if (self.channel is None) == (self.select is None):
+            raise ValueError("A Unit needs exactly one of channel (an int) or select (a function of the module's output).")
+        if self.channel is not None and (isinstance(self.channel, bool) or not isinstance(self.channel, int) or self.channel < 0):
+            raise ValueError(f"Unit.channel must be a channel index >= 0, got {self.channel!r}.")
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        """The unit's value per image, (N,), from the module's output; a ValueError naming the
+        module when the channel or position does not exist there."""
+        if self.select is not None:
+            value = self.select(output)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (output.shape[0],):
+                raise ValueError(f"Unit.select must return one value per image, shape ({output.shape[0]},), got {getattr(value, 'shape', type(value).__name__)}.")
+            return value
+        tokens = output.dim() == 3
+        channels = output.shape[-1] if tokens else output.shape[1]
+        if output.dim() not in (2, 3, 4):
+            raise ValueError(f"{self.module} outputs shape {tuple(output.shape)}: pass select= to say which value to explain.")
+        if self.channel >= channels:
+            raise ValueError(f"Channel {self.channel} is out of range: {self.module} has {channels} channels (0..{channels - 1}).")
+        unit = output[..., self.channel] if tokens else output[:, self.channel]
+        if self.position is None:
+            return unit.reshape(unit.shape[0], -1).sum(1)
+        position = (self.position,) if isinstance(self.position, int) else tuple(self.position)
+        grid = tuple(unit.shape[1:])
+        if len(position) != len(grid) or not all(0 <= p < g for p, g in zip(position, grid)):
+            raise ValueError(f"Position {self.position!r} is outside {self.module}'s output grid {grid}.")
+        return unit[(slice(None), *position)]
+
+
+    def find_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module of ``model`` named ``module``, or a ValueError naming similar ones."""
+        modules = dict(model.named_modules())
+        if self.module not in modules:
+            close = difflib.get_close_matches(self.module, [name for name in modules if name], n=5, cutoff=0.6)
+            hint = f" Similar names: {', '.join(close)}." if close else " See model.named_modules()."
+            raise ValueError(f"The model has no module named {self.module!r}.{hint}")
+        return modules[self.module]
+
+
+def is_unit(target) -> bool:
+    """Whether ``target`` is a `Unit`, of this module or of another copy of it: a model or pipeline
+    loaded with remote code has its own copy of the classes. Read by attributes, not by class."""
+    return all(callable(getattr(target, name, None)) for name in ("find_module", "value")) and hasattr(target, "module")
+
+
+@contextmanager
+def captured_output(module: torch.nn.Module):
+    """While active, the returned dict holds ``module``'s last output under "output" (the first
+    tensor of a tuple or ModelOutput)."""
+    captured = {}
+
+    def hook(_, args, output):
+        if not isinstance(output, torch.Tensor):
+            output = output[0] if isinstance(output, (tuple, list)) else next(v for v in output.values() if isinstance(v, torch.Tensor))
+        captured["output"] = output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+TargetType = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor, Unit]
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, BcosConfig
-from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets
+from .explanation import BcosExplanationOutput, TargetType, captured_output, dynamic_linear_weights, is_unit, resolve_targets
 from .layers import (
     BcosBatchNorm2d,
     BcosConv2d,
@@ -755,7 +755,10 @@ class BcosForImageClassification(BcosPreTrainedModel):
         Args:
             pixel_values: (N, 3, H, W) RGB in [0, 1] (or ``encoded_pixel_values`` (N, 6, H, W)).
             target: the class to explain: None (the predicted class), an int or a label name for
-                every image, or a sequence/tensor of N of them.
+                every image, or a sequence/tensor of N of them. Or a `Unit` inside the network
+                (``Unit("backbone.model.resnet.encoder.stages.1", channel=5)``): a channel of a
+                module's output, summed over positions or at one; ``explained_output`` is then its
+                value and ``target`` the channel.
 
         Returns:
             A `BcosExplanationOutput`. ``explained_output`` is the target's logit without the fixed
@@ -769,11 +772,27 @@ class BcosForImageClassification(BcosPreTrainedModel):
             is left on it or the input.
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
-        if target is not None:  # validate before any work
+        # validate before any work
+        if is_unit(target):
+            unit_module = target.find_module(self)
+        elif target is not None:
             resolve_targets(target, torch.empty(x.shape[0], self.config.num_labels), self.config.label2id)
         x = x.to(self.dtype)
 
         def explained_output(inputs):
+            if is_unit(target):
+                with captured_output(unit_module) as captured:
+                    logits = self(encoded_pixel_values=inputs).logits.detach()
+                if "output" not in captured:
+                    raise ValueError(
+                        f"{target.module} did not run in the forward pass (a fast path computes it inside its parent "
+                        "module): explain a unit of the parent, or of another module."
+                    )
+                value = target.value(captured["output"])
+                if not value.requires_grad:
+                    raise ValueError(f"The unit's value at {target.module} does not depend on the pixels: there is nothing to explain.")
+                channels = torch.full((x.shape[0],), -1 if target.channel is None else target.channel, dtype=torch.long)
+                return value, (logits, channels)
             outputs = self(encoded_pixel_values=inputs)
             logits = outputs.logits.detach()
             targets = resolve_targets(target, logits, self.config.label2id)

@@ -24,6 +24,8 @@ import os
 import torch
 from transformers import Pipeline
 
+from .explanation import Unit
+
 # The entry ``save_pretrained`` writes into ``config.custom_pipelines``, so that
 # ``pipeline("image-explanation", model=<folder>, trust_remote_code=True)`` finds this class.
 IMAGE_EXPLANATION_TASK = "image-explanation"
@@ -106,12 +108,15 @@ class ImageExplanationPipeline(Pipeline):
         top_k (`int`, defaults to 5): how many predictions to return per image.
         target (`int` or `str`, *optional*): the class to explain in every image, by index or label
             name; by default each image's top prediction.
+        unit (`str` or `Unit`, *optional*): instead of a class, a unit inside the network:
+            "MODULE:CHANNEL" (a channel of that module's output, summed over positions) or a `Unit`.
         timeout (`float`, *optional*): seconds to wait when fetching an image from a URL.
 
     Returns one dict per image:
         predictions: ``[{"label", "score"}, ...]``, the top-k classes (scores are sigmoids for
             B-cos models, trained with binary cross-entropy; softmax otherwise);
-        label, target: the explained class's name and index;
+        label, target: the explained class's name and index (for a unit: "MODULE:CHANNEL" and the
+            channel);
         explanation: a PIL RGBA image (colour: the pixel's own colour channels in W(x); opacity:
             the norm of W(x) where the contribution is positive);
         contributions: an (H, W) float32 numpy array, W(x) ⊙ x summed over the input channels;
@@ -134,10 +139,23 @@ class ImageExplanationPipeline(Pipeline):
                 f"{type(self.model).__name__} (model_type {getattr(config, 'model_type', None)!r})."
             )
 
-    def _sanitize_parameters(self, top_k=None, target=None, timeout=None):
+    def _sanitize_parameters(self, top_k=None, target=None, unit=None, timeout=None):
         preprocess_params = {} if timeout is None else {"timeout": timeout}
-        forward_params = {"target": target}
         postprocess_params = {}
+        if unit is not None:
+            if target is not None:
+                raise ValueError("unit and target both say what to explain: give one.")
+            if isinstance(unit, str):
+                name, _, channel = unit.rpartition(":")
+                if not name or not channel.isdigit():
+                    raise ValueError(f"unit {unit!r}: expected 'MODULE:CHANNEL' (e.g. 'backbone.stages.1:5') or a Unit.")
+                unit = Unit(name, channel=int(channel))
+            if not isinstance(unit, Unit):
+                raise TypeError(f"unit must be 'MODULE:CHANNEL' or a Unit, got {type(unit).__name__}.")
+            unit.find_module(self.model)  # a ValueError naming similar modules, before any image is read
+            postprocess_params["unit_name"] = f"{unit.module}:{unit.channel}" if unit.channel is not None else unit.module
+            target = unit
+        forward_params = {"target": target}
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
@@ -166,7 +184,7 @@ class ImageExplanationPipeline(Pipeline):
             "rgba": torch.from_numpy(explanation.to_rgba()),
         }
 
-    def postprocess(self, model_outputs, top_k=5):
+    def postprocess(self, model_outputs, top_k=5, unit_name=None):
         import numpy as np
         from PIL import Image
 
@@ -185,7 +203,7 @@ class ImageExplanationPipeline(Pipeline):
             "predictions": [
                 {"label": config.id2label[i], "score": s} for s, i in zip(top.values.tolist(), top.indices.tolist())
             ],
-            "label": config.id2label[target],
+            "label": unit_name or config.id2label[target],
             "target": target,
             "explanation": Image.fromarray(rgba),
             "contributions": contributions.float().cpu().numpy(),

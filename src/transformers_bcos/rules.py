@@ -157,7 +157,8 @@ def bcos_attention_forward(module, query, key, value, attention_mask, scaling=No
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
         if attention_mask is not None:
             scores = scores + attention_mask
-        probabilities = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        # at least float32, as transformers' eager attention, but float64 stays float64
+        probabilities = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
     attn_output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
     return attn_output, probabilities
 
