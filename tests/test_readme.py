@@ -158,5 +158,5 @@ def test_bash_blocks_run_or_parse(workdir, bcos_cache_dir, monkeypatch, capsys):
             ran["cli"] += 1
         else:
             raise AssertionError(f"README command not covered by this test: {where}")
-    assert ran["demo"] == 1 and ran["cli"] == 6 and ran["parsed"] >= 9, ran
+    assert ran["demo"] == 1 and ran["cli"] == 7 and ran["parsed"] >= 9, ran
     assert sorted(os.listdir(workdir / "outputs" / "explanations")) == sorted(os.listdir(workdir / "docs" / "images" / "digits"))
