@@ -35,7 +35,7 @@ def parse_args(argv=None) -> FinetuneOptions:
                              f"(default: {DEFAULT_MODEL}).")
     source.add_argument("--from_scratch", default=None, metavar="FAMILY|CONFIG.json",
                         help="Train a B-cos network from scratch: resnet/vit (the small default architectures) or a "
-                             "JSON config (a ResNet/ViT/ConvNeXt/DeiT config or a BcosConfig).")
+                             "JSON config (of any supported image classifier, or a BcosConfig).")
     source.add_argument("--b", type=float, default=DEFAULTS.b, help="B-cos exponent.")
     source.add_argument("--image_size", type=int, default=None, help="Input size of --from_scratch CNNs.")
     recipe = add_recipe_arguments(parser, DEFAULTS)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, ViTConfig
 
-from ..configuration_bcos import SUPPORTED_BACKBONES, BcosConfig
+from ..configuration_bcos import BcosConfig, backbone_family_of
 from ..conversion import bcosify_pretrained
 from ..data import (
     DEFAULT_DATASET,
@@ -39,7 +39,7 @@ from ..modeling_bcos import BcosForImageClassification
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
 from .loop import check_agc_supported, evaluate_accuracy, training_step
-from .recipe import create_optimizer, create_scheduler, recipe_defaults
+from .recipe import create_optimizer, create_scheduler, recipe_defaults, recipe_family
 from .run import (
     OptionsError,
     RunOptions,
@@ -94,11 +94,12 @@ def _read_scratch_config(spec: str) -> dict:
         raise OptionsError(f"--from_scratch {spec} is not valid JSON: {error}") from None
     if not isinstance(config_dict, dict):
         raise OptionsError(f"--from_scratch {spec} holds a JSON {type(config_dict).__name__}, not a config object.")
-    if config_dict.get("model_type") != BcosConfig.model_type and config_dict.get("model_type") not in SUPPORTED_BACKBONES:
-        raise OptionsError(
-            f"--from_scratch {spec}: model_type {config_dict.get('model_type')!r} is not one of "
-            f"{', '.join(sorted(SUPPORTED_BACKBONES))} or bcos."
-        )
+    model_type = config_dict.get("model_type")
+    if model_type != BcosConfig.model_type:
+        try:
+            backbone_family_of(model_type)
+        except ValueError as error:
+            raise OptionsError(f"--from_scratch {spec}: {error}") from None
     return config_dict
 
 
@@ -171,7 +172,9 @@ def _scratch_config(spec: str, b: float, labels: list, image_size: Optional[int]
         if image_size is not None and image_size != size:
             raise OptionsError(f"--image_size {image_size} differs from the ViT config's image_size {size}.")
     else:
-        size = image_size or default_size
+        # A config that names its input size (DINOv2, Swin, EfficientNet, ...) is trained at it.
+        config_size = getattr(getattr(backbone, "vision_config", None) or backbone, "image_size", None)
+        size = image_size or (config_size if isinstance(config_size, int) else default_size)
     processor = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
@@ -189,7 +192,7 @@ def _scratch_config(spec: str, b: float, labels: list, image_size: Optional[int]
         id2label={i: name for i, name in enumerate(labels)},
         label2id={name: i for i, name in enumerate(labels)},
     )
-    return config, SUPPORTED_BACKBONES[backbone.model_type]
+    return config, recipe_family(backbone)
 
 
 def _source_model_type(source: str) -> str:
@@ -203,15 +206,32 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
     """Give ``model`` a freshly initialised classifier for ``labels`` unless it already has exactly them.
 
     Returns True when the classifier was replaced. The fixed logit bias follows the new number of
-    classes (-log(C-1)).
+    classes (-log(C-1)). A model B-cosified by the rules classifies with its source's own head: the
+    last B-cos linear layer of the source architecture with one output per class is replaced.
     """
     current = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if current == list(labels):
         return False
-    old = model.classifier
-    model.classifier = BcosLinear(
-        old.in_features, len(labels), bias=old.bias is not None, b=old.b, normalize_weights=old.normalize_weights
-    ).to(device=old.weight.device, dtype=old.weight.dtype)
+    if model.classifier is not None:
+        parent, name = model, "classifier"
+    else:
+        heads = [
+            (parent, key)
+            for parent in model.backbone.model.modules()
+            for key, child in parent._modules.items()
+            if isinstance(child, BcosLinear) and child.out_features == model.config.num_labels
+        ]
+        if not heads:
+            raise OptionsError(f"Cannot find the classifier of {type(model.backbone.model).__name__} to give it {len(labels)} classes.")
+        parent, name = heads[-1]
+    old = getattr(parent, name)
+    setattr(
+        parent,
+        name,
+        BcosLinear(old.in_features, len(labels), bias=old.bias is not None, b=old.b, normalize_weights=old.normalize_weights).to(
+            device=old.weight.device, dtype=old.weight.dtype
+        ),
+    )
     model.config.num_labels = len(labels)
     model.config.id2label = {i: name for i, name in enumerate(labels)}
     model.config.label2id = {name: i for i, name in enumerate(labels)}
@@ -244,16 +264,19 @@ def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> O
     else:
         source_for_loading = source
     model_type = _source_model_type(source_for_loading)
-    if model_type != BcosConfig.model_type and model_type not in SUPPORTED_BACKBONES:
-        raise OptionsError(f"Unsupported architecture {model_type!r} in {source}; supported: "
-                           f"{', '.join(sorted(SUPPORTED_BACKBONES))} (standard) or B-cos checkpoints.")
+    if model_type != BcosConfig.model_type:
+        try:
+            backbone_family_of(model_type)
+        except ValueError as error:
+            raise OptionsError(f"{error} ({source})") from None
     try:
         if model_type == BcosConfig.model_type:
             model = BcosForImageClassification.from_pretrained(source_for_loading)
-            origin, family = "continued", model.config.backbone_family
+            origin = "continued"
         else:
             model = bcosify_pretrained(source_for_loading, b=options.b)
-            origin, family = "bcosified", SUPPORTED_BACKBONES[model_type]
+            origin = "bcosified"
+        family = recipe_family(model.config.backbone_config)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
         # transformers reports shape mismatches as RuntimeError, refused pickles as UnpicklingError.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import get_scheduler
 
+from ..configuration_bcos import SUPPORTED_BACKBONES
+
 CNN_FAMILIES = ("resnet", "convnext")
 FAMILIES = CNN_FAMILIES + ("vit",)
 
@@ -63,6 +65,16 @@ _BCOSIFY_SMALL_DATA_VIT = Recipe(
 CLIP_DISTILLATION_RECIPE = Recipe(
     1e-4, 0.0, "cosine", 0.0, 0.0, 0, "B-cos CLIP distillation recipe (reference §3, CLIP)"
 )
+
+
+def recipe_family(backbone_config) -> str:
+    """The recipe family of a B-cos model's ``backbone_config``: its hand-written family
+    ("resnet", "convnext", "vit"), or for a model B-cosified by the module-type rules "vit" when it
+    attends (its config, or its vision config, names attention heads) and "resnet" otherwise."""
+    if backbone_config.model_type in SUPPORTED_BACKBONES:
+        return SUPPORTED_BACKBONES[backbone_config.model_type]
+    config = getattr(backbone_config, "vision_config", None) or backbone_config
+    return "vit" if any(hasattr(config, name) for name in ("num_attention_heads", "num_heads")) else "resnet"
 
 
 def recipe_defaults(family: str, from_scratch: bool = False, small_data: bool = False) -> Recipe:
