@@ -753,7 +753,8 @@ class BcosForImageClassification(BcosPreTrainedModel):
         """Explain a batch of images exactly, with one forward and one backward pass.
 
         Args:
-            pixel_values: (N, 3, H, W) RGB in [0, 1] (or ``encoded_pixel_values`` (N, 6, H, W)).
+            pixel_values: (N, C, H, W) pixels in [0, 1], C = 3 (RGB) or the plain module's
+                channels (or ``encoded_pixel_values`` (N, 2C, H, W)).
             target: the class to explain: None (the predicted class), an int or a label name for
                 every image, or a sequence/tensor of N of them. Or a `Unit` inside the network
                 (``Unit("backbone.model.resnet.encoder.stages.1", channel=5)``): a channel of a
