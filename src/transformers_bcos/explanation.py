@@ -9,7 +9,7 @@ transformers and the standard library only.
 
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -75,10 +75,48 @@ def resolve_targets(target: TargetType, logits: torch.Tensor, label2id: Optional
     return torch.tensor(targets, dtype=torch.long, device=logits.device)
 
 
+@contextmanager
+def _factor_copies(model: torch.nn.Module, batch_size: int):
+    """A differentiable explanation (`dynamic_linear_weights` with ``create_graph``): each call
+    of ``model`` runs on every image twice, [x̄, x] with x̄ = x detached, and returns the
+    results of the second copy. The explanation-mode layers take their dynamic factors from
+    the first copy (`layers.explanation_constant`): constant in the input, differentiable in the
+    parameters."""
+
+    def doubled(t):
+        is_batch = isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch_size
+        return torch.cat([t.detach(), t]) if is_batch else t
+
+    def explained_copy(value):
+        if isinstance(value, torch.Tensor):
+            return value[batch_size:] if value.dim() and value.shape[0] == 2 * batch_size else value
+        if isinstance(value, ModelOutput):
+            for key in list(value.keys()):
+                value[key] = explained_copy(value[key])
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(explained_copy(v) for v in value)
+        return value
+
+    handles = [
+        model.register_forward_pre_hook(lambda m, args, kwargs: ([doubled(a) for a in args], {k: doubled(v) for k, v in kwargs.items()}), with_kwargs=True),
+        model.register_forward_hook(lambda m, args, output: explained_copy(output)),
+    ]
+    previous = ExplainableModule.differentiable_explanation
+    ExplainableModule.differentiable_explanation = True
+    try:
+        yield
+    finally:
+        ExplainableModule.differentiable_explanation = previous
+        for handle in handles:
+            handle.remove()
+
+
 def dynamic_linear_weights(
     model: torch.nn.Module,
     encoded_inputs: torch.Tensor,
     explained_output: Callable[[torch.Tensor], torch.Tensor],
+    create_graph: bool = False,
 ):
     """Run ``model`` in explanation mode and return ``(W(x), y, aux)``.
 
@@ -94,16 +132,25 @@ def dynamic_linear_weights(
     model's output scale (a freshly converted model's 1e-5 would otherwise put W(x) below the
     smallest float16 number). W(x) and y come back in at least float32, so that the contributions
     summed from them lose nothing more to rounding.
+
+    ``create_graph``: W(x) comes back with a graph to the parameters, the total derivative of the
+    function θ -> W(x; θ) that the plain call computes. The dynamic factors are constant in the
+    input, as always, but keep their dependence on the parameters: ``model`` runs on [x̄, x]
+    (x̄ = x detached), the factors come from x̄'s pass with autograd and W(x) is the gradient of
+    x's outputs (`_factor_copies`). The parameters stay trainable; nothing is accumulated
+    in their ``.grad``. Twice the forward cost, and every path the input gradient takes must be
+    differentiable twice: the layers take their reference expressions there.
     """
     was_training = model.training
     # Only the input needs a gradient: with the parameters frozen meanwhile, autograd keeps no
     # activations for weight gradients, which halves explain()'s memory.
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [] if create_graph else [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with torch.enable_grad(), explanation_mode(model):
+        factors = _factor_copies(model, encoded_inputs.shape[0]) if create_graph else nullcontext()
+        with torch.enable_grad(), explanation_mode(model), factors:
             x = encoded_inputs.detach().requires_grad_(True)
             y, aux = explained_output(x)
             _warn_below_float16_range(y.detach())
@@ -112,14 +159,14 @@ def dynamic_linear_weights(
             dtype = torch.promote_types(x.dtype, torch.float32)
             slots = []
             for j in range(flat.shape[1]):
-                (w,) = torch.autograd.grad(flat[:, j], x, seeds[:, j], retain_graph=j + 1 < flat.shape[1])
+                (w,) = torch.autograd.grad(flat[:, j], x, seeds[:, j], retain_graph=create_graph or j + 1 < flat.shape[1], create_graph=create_graph)
                 slots.append(w.to(dtype).div_(seeds[:, j].to(dtype).view(-1, *[1] * (x.dim() - 1))))
             weights = (slots[0].unsqueeze(1) if len(slots) == 1 else torch.stack(slots, dim=1)).reshape(*y.shape, *x.shape[1:])
     finally:
         for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
-    return weights.detach(), y.detach().to(dtype), aux
+    return weights if create_graph else weights.detach(), y.detach().to(dtype), aux
 
 
 def _warn_below_float16_range(y: torch.Tensor) -> None:

@@ -27,9 +27,34 @@ class ExplainableModule(nn.Module):
     """A module whose dynamic (input-dependent, non-linear) factors can be detached.
 
     ``explanation_mode`` is switched for a whole model by ``explanation.explanation_mode``.
+    ``differentiable_explanation`` (one switch for all modules, set by
+    ``explanation.dynamic_linear_weights(create_graph=True)``): the batch holds every image twice,
+    and the dynamic factors come from the first copy with autograd (`explanation_constant`).
     """
 
     explanation_mode: bool = False
+    differentiable_explanation: bool = False
+
+
+def explanation_constant(compute, *tensors: torch.Tensor) -> torch.Tensor:
+    """``compute(*tensors)``: a dynamic factor of the explanation (a B-cos scale, a norm's std, an
+    activation gate, an attention matrix), which the explanation holds constant in the input.
+
+    Usually computed without autograd: a constant. In a differentiable explanation the batch is
+    [x̄, x], every image twice, x̄ = x detached from the input. The factor is computed from the
+    first copy with autograd and serves both: for the explained copy it is then constant in the
+    input (the input gradient is still W(x)) but keeps its dependence on the parameters, through
+    the first copy's own forward pass. Tensors whose first dimension is the doubled batch are
+    halved (copies: the callers scale their activations in place, which autograd would find
+    changed under the factor's graph); others (of batch size 1, broadcast) are passed whole.
+    """
+    if not ExplainableModule.differentiable_explanation:
+        with torch.no_grad():
+            return compute(*tensors)
+    batch = tensors[0].shape[0]
+    half = batch // 2
+    factor = compute(*(t[:half].clone() if t.dim() and t.shape[0] == batch else t for t in tensors))
+    return torch.cat([factor, factor]) if factor.dim() and factor.shape[0] == half else factor
 
 
 def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -358,12 +383,16 @@ def _bcos_scale(out: torch.Tensor, inv_norm: torch.Tensor, b: float, detach: boo
 
 
 def _detached_bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
-    """The factor by which the B-cos non-linearity multiplies ``out``, as a constant: no graph,
-    one temporary (fresh temporaries of activation size cost page faults)."""
-    with torch.no_grad():
+    """The factor by which the B-cos non-linearity multiplies ``out``, as a constant of the
+    explanation (`explanation_constant`), in one temporary (fresh temporaries of activation size
+    cost page faults)."""
+
+    def factor(out, inv_norm):
         if b == 2:
             return out.abs().mul_(inv_norm)
         return (out.abs() * inv_norm).add_(1e-6).pow_(b - 1).to(out.dtype)
+
+    return explanation_constant(factor, out, inv_norm)
 
 
 def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -375,8 +404,11 @@ def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
 
 def _graph_unless(explanation_mode: bool):
     """No autograd graph for what is a constant of the explanation (input norms, attention
-    queries and keys): it would be detached anyway, and its graph kept activations alive."""
-    return torch.no_grad() if explanation_mode else contextlib.nullcontext()
+    queries and keys): it would be detached anyway, and its graph kept activations alive. A
+    differentiable explanation needs it: the constants keep their dependence on the parameters."""
+    if explanation_mode and not ExplainableModule.differentiable_explanation:
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def _check_b(b: float) -> float:
@@ -742,7 +774,13 @@ class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
             x = x.movedim(1, -1)
-        if self.explanation_mode:
+        if self.explanation_mode and self.differentiable_explanation:
+            # The reference expression, which autograd differentiates twice (the fused node's
+            # backward is not differentiable).
+            inv_std = explanation_constant(lambda t: torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps), x)
+            y = (x - x.mean(-1, keepdim=True)) * inv_std * self.weight
+            y = y if self.bias is None else y + self.bias
+        elif self.explanation_mode:
             y = _LayerNormDetachedStd.apply(x, self.weight, self.bias, self.eps)
         else:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -804,8 +842,7 @@ class DetachableActivation(ExplainableModule):
     def detached_gate(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x. ``overwrite``: x is
         the caller's temporary, and the gate is written over it."""
-        with torch.no_grad():
-            return (self.gate or _step_gate_)(x if overwrite else x.clone())
+        return explanation_constant(self.gate or _step_gate_, x if overwrite else x.clone())
 
 
 def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
@@ -818,7 +855,8 @@ def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: t
     """
     if linear.can_fuse_epilogue():  # inference: the activation runs inside the linear layer's scale
         return linear.forward_with_epilogue(x, activation.inplace_function)
-    if not (linear.explanation_mode and activation.explanation_mode) or linear.b == 1:
+    fused = linear.explanation_mode and activation.explanation_mode and not linear.differentiable_explanation
+    if not fused or linear.b == 1:
         return activation(linear(x))
     response = F.linear(x, linear._weight(), linear.bias)
     with torch.no_grad():
@@ -915,7 +953,9 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         square = all(isinstance(v, int) for v in (self.kernel_size, self.stride, self.padding))
         plain = square and self.dilation == 1 and not self.ceil_mode and not self.return_indices
         usual = x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.numel() > 0
-        if not (plain and usual) or torch.compiler.is_compiling():
+        # A differentiable explanation differentiates the pooling twice: the native kernel's
+        # backward is differentiable, this one's is not.
+        if not (plain and usual) or torch.compiler.is_compiling() or ExplainableModule.differentiable_explanation:
             return False
         # Geometries the native kernel refuses go to it for its error message; the taps of a
         # window are counted in uint8.
@@ -945,7 +985,7 @@ def conv_norm_activation(
         return conv.forward_with_epilogue(x, gain, getattr(activation, "inplace_function", None))
     layers = [conv, norm] + ([activation] if activation is not None else [])
     weight_grad = torch.is_grad_enabled() and norm.weight.requires_grad
-    if gain is None or conv.b == 1 or weight_grad or not all(layer.explanation_mode for layer in layers):
+    if gain is None or conv.b == 1 or weight_grad or conv.differentiable_explanation or not all(layer.explanation_mode for layer in layers):
         out = norm(conv(x))
         return out if activation is None else activation(out)
     response = conv._response(x)
@@ -1014,7 +1054,12 @@ class BcosSelfAttention(ExplainableModule):
             query = self.q_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
             key = self.k_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
+        if self.explanation_mode and self.differentiable_explanation:
+            scale = self.head_dim**-0.5
+            attention = explanation_constant(lambda q, k: torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1), query, key)
+            out = attention @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
 
 

@@ -749,6 +749,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         pixel_values: Optional[torch.Tensor] = None,
         target: TargetType = None,
         encoded_pixel_values: Optional[torch.Tensor] = None,
+        create_graph: bool = False,
     ) -> BcosExplanationOutput:
         """Explain a batch of images exactly, with one forward and one backward pass.
 
@@ -756,6 +757,14 @@ class BcosForImageClassification(BcosPreTrainedModel):
             pixel_values: (N, 3, H, W) RGB in [0, 1] (or ``encoded_pixel_values`` (N, 6, H, W)).
             target: the class to explain: None (the predicted class), an int or a label name for
                 every image, or a sequence/tensor of N of them.
+            create_graph: return ``contributions`` and ``dynamic_linear_weights`` with a graph to
+                the model's parameters, for a loss on the explanation to train through. Its
+                gradient is the total derivative of the plain explanation as a function of the
+                parameters: the dynamic factors (B-cos scales, norm stds, gates, attention) are
+                constant in the input as always, yet vary with the parameters. The values are
+                the plain explanation's. It costs a second forward pass (the factors' own, see
+                `dynamic_linear_weights`) and a graph through the backward pass; the parameters
+                stay trainable meanwhile, and nothing is written to their ``.grad``.
 
         Returns:
             A `BcosExplanationOutput`. ``explained_output`` is the target's logit without the fixed
@@ -766,7 +775,8 @@ class BcosForImageClassification(BcosPreTrainedModel):
             `BcosViTEmbeddings`), so they do not break completeness. Contributions, weights and
             the explained output come in float32 for a half-precision model (see
             `dynamic_linear_weights`). The model's train/eval mode is restored, and no gradient
-            is left on it or the input.
+            is left on it or the input (with ``create_graph``, only the graph the returned
+            tensors hold).
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         if target is not None:  # validate before any work
@@ -779,7 +789,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
             targets = resolve_targets(target, logits, self.config.label2id)
             return outputs.bias_free_logits.gather(1, targets[:, None]).squeeze(1), (logits, targets)
 
-        weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output)
+        weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output, create_graph)
         return BcosExplanationOutput(
             contributions=(weights * x.to(weights.dtype)).sum(1),
             dynamic_linear_weights=weights,
