@@ -164,7 +164,9 @@ def bcos_attention_forward(module, query, key, value, attention_mask, scaling=No
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
         if mask:
             scores = scores + mask[0]
-        return F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        # In at least float32 (float64 models keep their precision: the explanation's
+        # derivative in the parameters is checked against finite differences there).
+        return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
 
     masks = () if attention_mask is None else (attention_mask,)
     probabilities = explanation_constant(attention_probabilities, query, key, *masks)
