@@ -842,7 +842,9 @@ class DetachableActivation(ExplainableModule):
     def detached_gate(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x. ``overwrite``: x is
         the caller's temporary, and the gate is written over it."""
-        return explanation_constant(self.gate or _step_gate_, x if overwrite else x.clone())
+        gate = self.gate or _step_gate_
+        # The copy is made inside: one made outside would carry x's graph through the in-place gate.
+        return explanation_constant(gate if overwrite else lambda t: gate(t.clone()), x)
 
 
 def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
