@@ -9,7 +9,7 @@ transformers and the standard library only.
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from .layers import ExplainableModule
+from .layers import DifferentiableFactors, ExplainableModule
 
 TargetType = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
 
@@ -76,40 +76,14 @@ def resolve_targets(target: TargetType, logits: torch.Tensor, label2id: Optional
 
 
 @contextmanager
-def _factor_copies(model: torch.nn.Module, batch_size: int):
-    """A differentiable explanation (`dynamic_linear_weights` with ``create_graph``): each call
-    of ``model`` runs on every image twice, [x̄, x] with x̄ = x detached, and returns the
-    results of the second copy. The explanation-mode layers take their dynamic factors from
-    the first copy (`layers.explanation_constant`): constant in the input, differentiable in the
-    parameters."""
-
-    def doubled(t):
-        is_batch = isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch_size
-        return torch.cat([t.detach(), t]) if is_batch else t
-
-    def explained_copy(value):
-        if isinstance(value, torch.Tensor):
-            return value[batch_size:] if value.dim() and value.shape[0] == 2 * batch_size else value
-        if isinstance(value, ModelOutput):
-            for key in list(value.keys()):
-                value[key] = explained_copy(value[key])
-            return value
-        if isinstance(value, (tuple, list)):
-            return type(value)(explained_copy(v) for v in value)
-        return value
-
-    handles = [
-        model.register_forward_pre_hook(lambda m, args, kwargs: ([doubled(a) for a in args], {k: doubled(v) for k, v in kwargs.items()}), with_kwargs=True),
-        model.register_forward_hook(lambda m, args, output: explained_copy(output)),
-    ]
-    previous = ExplainableModule.differentiable_explanation
-    ExplainableModule.differentiable_explanation = True
+def _differentiable_factors(factors: Optional[DifferentiableFactors]):
+    """Make explanation mode record and replay ``factors`` (None: a plain explanation)."""
+    previous = ExplainableModule.differentiable_factors
+    ExplainableModule.differentiable_factors = factors
     try:
         yield
     finally:
-        ExplainableModule.differentiable_explanation = previous
-        for handle in handles:
-            handle.remove()
+        ExplainableModule.differentiable_factors = previous
 
 
 def dynamic_linear_weights(
@@ -133,11 +107,11 @@ def dynamic_linear_weights(
     smallest float16 number). W(x) and y come back in at least float32, so that the contributions
     summed from them lose nothing more to rounding.
 
-    ``create_graph``: W(x) comes back with a graph to the parameters, the total derivative of the
-    function θ -> W(x; θ) that the plain call computes. The dynamic factors are constant in the
-    input, as always, but keep their dependence on the parameters: ``model`` runs on [x̄, x]
-    (x̄ = x detached), the factors come from x̄'s pass with autograd and W(x) is the gradient of
-    x's outputs (`_factor_copies`). The parameters stay trainable; nothing is accumulated
+    ``create_graph``: W(x) comes back with a graph to the parameters, whose gradient is the total
+    derivative of the function θ -> W(x; θ) that the plain call computes. The dynamic factors are
+    constant in the input, as always, but keep their dependence on the parameters: a first
+    forward pass of x detached records them with autograd, and the explained pass of x replays
+    them (`layers.DifferentiableFactors`). The parameters stay trainable; nothing is accumulated
     in their ``.grad``. Twice the forward cost, and every path the input gradient takes must be
     differentiable twice: the layers take their reference expressions there.
     """
@@ -149,10 +123,15 @@ def dynamic_linear_weights(
     try:
         for p in trainable:
             p.requires_grad_(False)
-        factors = _factor_copies(model, encoded_inputs.shape[0]) if create_graph else nullcontext()
-        with torch.enable_grad(), explanation_mode(model), factors:
+        factors = DifferentiableFactors() if create_graph else None
+        with torch.enable_grad(), explanation_mode(model), _differentiable_factors(factors):
+            if factors is not None:
+                explained_output(encoded_inputs.detach())  # records the factors
+                factors.replaying = True
             x = encoded_inputs.detach().requires_grad_(True)
             y, aux = explained_output(x)
+            if factors is not None and factors.replayed != len(factors.factors):
+                raise RuntimeError("The explained forward pass used fewer dynamic factors than the first pass recorded.")
             _warn_below_float16_range(y.detach())
             flat = y.reshape(y.shape[0], -1)
             seeds = _unit_seeds(flat.detach())

@@ -27,34 +27,59 @@ class ExplainableModule(nn.Module):
     """A module whose dynamic (input-dependent, non-linear) factors can be detached.
 
     ``explanation_mode`` is switched for a whole model by ``explanation.explanation_mode``.
-    ``differentiable_explanation`` (one switch for all modules, set by
-    ``explanation.dynamic_linear_weights(create_graph=True)``): the batch holds every image twice,
-    and the dynamic factors come from the first copy with autograd (`explanation_constant`).
+    ``differentiable_factors`` (one for all modules, set by
+    ``explanation.dynamic_linear_weights(create_graph=True)``): where explanation mode takes its
+    dynamic factors from in a differentiable explanation (`explanation_constant`).
     """
 
     explanation_mode: bool = False
-    differentiable_explanation: bool = False
+    differentiable_factors: Optional["DifferentiableFactors"] = None
+
+
+class DifferentiableFactors:
+    """The dynamic factors of a differentiable explanation, from two forward passes in
+    explanation mode: the first, of the input detached, records each factor computed with
+    autograd (a function of the parameters); the second, of the explained input, replays them in
+    the order they were recorded. For the second pass each factor is then constant in the input
+    (its input gradient is still W(x)) but keeps its dependence on the parameters."""
+
+    def __init__(self):
+        self.factors = []
+        self.replayed = 0
+        self.replaying = False
+
+    def __call__(self, compute, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.replaying:
+            if self.replayed == len(self.factors):
+                raise RuntimeError("The explained forward pass asked for more dynamic factors than the first pass recorded.")
+            self.replayed += 1
+            return self.factors[self.replayed - 1]
+        # Copies: the callers scale their activations in place, which autograd would find changed
+        # under the factor's graph.
+        factor = compute(*(t.clone() for t in tensors))
+        self.factors.append(factor)
+        return factor
+
+
+def differentiable_explanation() -> bool:
+    """Whether explanation mode computes a differentiable explanation (`DifferentiableFactors`):
+    its input gradient must then be differentiable again, and the layers take their reference
+    expressions, not the hand-written backward passes of their fast paths."""
+    return ExplainableModule.differentiable_factors is not None
 
 
 def explanation_constant(compute, *tensors: torch.Tensor) -> torch.Tensor:
     """``compute(*tensors)``: a dynamic factor of the explanation (a B-cos scale, a norm's std, an
     activation gate, an attention matrix), which the explanation holds constant in the input.
 
-    Usually computed without autograd: a constant. In a differentiable explanation the batch is
-    [x̄, x], every image twice, x̄ = x detached from the input. The factor is computed from the
-    first copy with autograd and serves both: for the explained copy it is then constant in the
-    input (the input gradient is still W(x)) but keeps its dependence on the parameters, through
-    the first copy's own forward pass. Tensors whose first dimension is the doubled batch are
-    halved (copies: the callers scale their activations in place, which autograd would find
-    changed under the factor's graph); others (of batch size 1, broadcast) are passed whole.
+    Computed without autograd: a constant; in a differentiable explanation, recorded or replayed
+    by `DifferentiableFactors`.
     """
-    if not ExplainableModule.differentiable_explanation:
+    factors = ExplainableModule.differentiable_factors
+    if factors is None:
         with torch.no_grad():
             return compute(*tensors)
-    batch = tensors[0].shape[0]
-    half = batch // 2
-    factor = compute(*(t[:half].clone() if t.dim() and t.shape[0] == batch else t for t in tensors))
-    return torch.cat([factor, factor]) if factor.dim() and factor.shape[0] == half else factor
+    return factors(compute, *tensors)
 
 
 def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -405,8 +430,9 @@ def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
 def _graph_unless(explanation_mode: bool):
     """No autograd graph for what is a constant of the explanation (input norms, attention
     queries and keys): it would be detached anyway, and its graph kept activations alive. A
-    differentiable explanation needs it: the constants keep their dependence on the parameters."""
-    if explanation_mode and not ExplainableModule.differentiable_explanation:
+    differentiable explanation records them with it: they keep their dependence on the parameters."""
+    factors = ExplainableModule.differentiable_factors
+    if explanation_mode and (factors is None or factors.replaying):
         return torch.no_grad()
     return contextlib.nullcontext()
 
@@ -774,7 +800,7 @@ class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
             x = x.movedim(1, -1)
-        if self.explanation_mode and self.differentiable_explanation:
+        if self.explanation_mode and differentiable_explanation():
             # The reference expression, which autograd differentiates twice (the fused node's
             # backward is not differentiable).
             inv_std = explanation_constant(lambda t: torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps), x)
@@ -857,7 +883,7 @@ def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: t
     """
     if linear.can_fuse_epilogue():  # inference: the activation runs inside the linear layer's scale
         return linear.forward_with_epilogue(x, activation.inplace_function)
-    fused = linear.explanation_mode and activation.explanation_mode and not linear.differentiable_explanation
+    fused = linear.explanation_mode and activation.explanation_mode and not differentiable_explanation()
     if not fused or linear.b == 1:
         return activation(linear(x))
     response = F.linear(x, linear._weight(), linear.bias)
@@ -957,7 +983,7 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         usual = x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.numel() > 0
         # A differentiable explanation differentiates the pooling twice: the native kernel's
         # backward is differentiable, this one's is not.
-        if not (plain and usual) or torch.compiler.is_compiling() or ExplainableModule.differentiable_explanation:
+        if not (plain and usual) or torch.compiler.is_compiling() or differentiable_explanation():
             return False
         # Geometries the native kernel refuses go to it for its error message; the taps of a
         # window are counted in uint8.
@@ -987,7 +1013,7 @@ def conv_norm_activation(
         return conv.forward_with_epilogue(x, gain, getattr(activation, "inplace_function", None))
     layers = [conv, norm] + ([activation] if activation is not None else [])
     weight_grad = torch.is_grad_enabled() and norm.weight.requires_grad
-    if gain is None or conv.b == 1 or weight_grad or conv.differentiable_explanation or not all(layer.explanation_mode for layer in layers):
+    if gain is None or conv.b == 1 or weight_grad or differentiable_explanation() or not all(layer.explanation_mode for layer in layers):
         out = norm(conv(x))
         return out if activation is None else activation(out)
     response = conv._response(x)
@@ -1056,7 +1082,7 @@ class BcosSelfAttention(ExplainableModule):
             query = self.q_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
             key = self.k_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
-        if self.explanation_mode and self.differentiable_explanation:
+        if self.explanation_mode and differentiable_explanation():
             scale = self.head_dim**-0.5
             attention = explanation_constant(lambda q, k: torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1), query, key)
             out = attention @ value

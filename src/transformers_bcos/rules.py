@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2CLS
 
-from .layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, ExplainableModule, explanation_constant
+from .layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, ExplainableModule, differentiable_explanation, explanation_constant
 
 try:
     from transformers import AttentionInterface
@@ -240,7 +240,7 @@ class LinearizedConstants:
         self._computing_constants = True
         try:
             # Constant in the input; a differentiable explanation keeps their graph to the parameters.
-            with contextlib.nullcontext() if ExplainableModule.differentiable_explanation else torch.no_grad():
+            with contextlib.nullcontext() if differentiable_explanation() else torch.no_grad():
                 constants = module(*zeros_args, **zeros_kwargs)
         finally:
             self._computing_constants = False
