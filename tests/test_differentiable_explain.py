@@ -152,4 +152,4 @@ def test_factors_held_constant_in_the_parameters_fail_the_check(family, models, 
 
     monkeypatch.setattr(layers, "explanation_constant", detached)
     monkeypatch.setattr(rules, "explanation_constant", detached)
-    assert min(relative_errors(models[family], random_images())) > 1e-3
+    assert min(relative_errors(models[family], random_images())) > 0.1  # measured: 0.45 to 1.0

@@ -81,10 +81,11 @@ class GatedActivation(ExplainableModule):
         return explanation_constant(self._gate, x) * x
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
-        # Where x = 0 the product is 0 whatever the gate: 0 avoids 0/0 (and, divided by 1
-        # there, its NaN gradient in a differentiable explanation).
+        # Where x = 0 the product is 0 whatever the gate: 0 avoids 0/0. A differentiable
+        # explanation also divides by 1 there: the unselected 0/0 would make the gradient NaN.
         zero = x == 0
-        return torch.where(zero, torch.zeros_like(x), self.activation(x.clone()) / x.masked_fill(zero, 1.0))
+        denominator = x.masked_fill(zero, 1.0) if differentiable_explanation() else x
+        return torch.where(zero, torch.zeros_like(x), self.activation(x.clone()) / denominator)
 
 
 class DetachedGate(ExplainableModule):
