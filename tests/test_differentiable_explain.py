@@ -11,9 +11,19 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, IMAGE_SIZE, RULE_FAMILIES, RULES_PROCESSOR, completeness_error
+from conftest import (
+    FAMILIES,
+    IMAGE_SIZE,
+    RULE_FAMILIES,
+    RULES_PROCESSOR,
+    character_tokenizer,
+    clip_image_processor,
+    completeness_error,
+    tiny_clip,
+)
 
 from transformers_bcos import bcosify_pretrained, layers, rules
+from transformers_bcos.conversion.clip import bcosify_clip
 from transformers_bcos.training.batchnorm import reestimate_batchnorm_statistics
 
 ALL_FAMILIES = FAMILIES + RULE_FAMILIES
@@ -100,8 +110,8 @@ def test_its_gradient_reaches_every_parameter_the_output_depends_on(family, mode
     assert reached(explanation_grads) == reached(output_grads)
 
 
-def directional_derivative_by_differences(model, x, direction) -> float:
-    """(L(explain(θ + hv)) - L(explain(θ - hv))) / 2h for the plain explain(); θ restored exactly."""
+def directional_derivative_by_differences(model, explain, direction) -> float:
+    """(L(explain(θ + hv)) - L(explain(θ - hv))) / 2h for the plain explanation; θ restored exactly."""
     params = trainable(model)
     originals = [p.detach().clone() for p in params]
     losses = []
@@ -110,7 +120,7 @@ def directional_derivative_by_differences(model, x, direction) -> float:
             with torch.no_grad():
                 for p, original, v in zip(params, originals, direction):
                     p.copy_(original + sign * STEP * v)
-            losses.append(explanation_loss(model.explain(x, target=TARGETS).contributions).item())
+            losses.append(explanation_loss(explain(create_graph=False)).item())
     finally:
         with torch.no_grad():
             for p, original in zip(params, originals):
@@ -118,26 +128,29 @@ def directional_derivative_by_differences(model, x, direction) -> float:
     return (losses[0] - losses[1]) / (2 * STEP)
 
 
-def relative_errors(model, x, seed: int = 0, directions: int = 2) -> list:
+def relative_errors(model, explain, seed: int = 0, directions: int = 2) -> list:
     """|autograd - finite differences| / max(|either|) of the loss's derivative along random
-    directions of all parameters at once."""
+    directions of all parameters at once. ``explain(create_graph)`` returns the contributions."""
     params = trainable(model)
-    contributions = model.explain(x, target=TARGETS, create_graph=True).contributions
-    grads = torch.autograd.grad(explanation_loss(contributions), params, allow_unused=True)
+    grads = torch.autograd.grad(explanation_loss(explain(create_graph=True)), params, allow_unused=True)
     generator = torch.Generator().manual_seed(seed)
     errors = []
     for _ in range(directions):
         direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
         by_autograd = sum(float((g * v).sum()) for g, v in zip(grads, direction) if g is not None)
-        by_differences = directional_derivative_by_differences(model, x, direction)
+        by_differences = directional_derivative_by_differences(model, explain, direction)
         errors.append(abs(by_autograd - by_differences) / max(abs(by_autograd), abs(by_differences)))
     return errors
+
+
+def classifier_explanation(model, x):
+    return lambda create_graph: model.explain(x, target=TARGETS, create_graph=create_graph).contributions
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_its_gradient_is_the_derivative_of_the_plain_explanation(family, models):
     model = models[family]
-    errors = relative_errors(model, random_images())
+    errors = relative_errors(model, classifier_explanation(model, random_images()))
     assert max(errors) < TOLERANCE, errors
 
 
@@ -152,4 +165,40 @@ def test_factors_held_constant_in_the_parameters_fail_the_check(family, models, 
 
     monkeypatch.setattr(layers, "explanation_constant", detached)
     monkeypatch.setattr(rules, "explanation_constant", detached)
-    assert min(relative_errors(models[family], random_images())) > 0.1  # measured: 0.45 to 1.0
+    model = models[family]
+    assert min(relative_errors(model, classifier_explanation(model, random_images()))) > 0.1  # measured: 0.45 to 1.0
+
+
+# ------------------------------------------------------------------------------ B-cos CLIP
+
+TEXTS = ["a red square", "blue"]
+
+
+@pytest.fixture(scope="module")
+def clip_model(tmp_path_factory):
+    """A float64 B-cos CLIP (b = 2) whose text tower is frozen, as conversion leaves it."""
+    tokenizer = character_tokenizer(tmp_path_factory.mktemp("clip_vocab"))
+    model = bcosify_clip(tiny_clip(tokenizer), b=2.0, image_processor=clip_image_processor(), tokenizer=tokenizer)
+    return model.double().eval()
+
+
+def clip_explanation(model, x, cosine_power):
+    return lambda create_graph: model.explain(x, text=TEXTS, cosine_power=cosine_power, create_graph=create_graph).contributions
+
+
+@pytest.mark.parametrize("cosine_power", [1.0, 3.0])
+def test_clip_explanation_is_differentiable_and_its_gradient_the_plain_ones_derivative(cosine_power, clip_model):
+    x = random_images()
+    plain = clip_model.explain(x, text=TEXTS, cosine_power=cosine_power)
+    differentiable = clip_model.explain(x, text=TEXTS, cosine_power=cosine_power, create_graph=True)
+    torch.testing.assert_close(differentiable.contributions, plain.contributions, rtol=1e-12, atol=1e-14)
+    assert completeness_error(differentiable.contributions, differentiable.explained_output) <= 1e-10
+    assert all(p.grad is None for p in clip_model.parameters())
+
+    explanation_loss(differentiable.contributions).backward()
+    image_tower = trainable(clip_model)
+    assert image_tower and all(p.grad is not None and p.grad.abs().sum() > 0 for p in image_tower if p is not clip_model.logit_scale)
+    clip_model.zero_grad(set_to_none=True)
+
+    errors = relative_errors(clip_model, clip_explanation(clip_model, x, cosine_power))
+    assert max(errors) < TOLERANCE, errors
