@@ -4,7 +4,7 @@ The contributions come with a graph to the parameters, and their gradient is the
 derivative of the plain explanation as a function of the parameters, θ -> explain(x; θ): the
 dynamic factors are constant in the input, as always, but vary with θ. That definition is
 checked literally: against central finite differences of the plain explain() in float64, on
-every hand-written family and every family B-cosified by the rules.
+every hand-written family, every family B-cosified by the rules, and B-cos CLIP.
 """
 
 import copy
@@ -46,7 +46,7 @@ def models(source_folders, rules_sources):
     batch-norm statistics as the recipe does (EfficientNet's signal otherwise vanishes)."""
     built = {family: bcosify_pretrained(source_folders[family]) for family in FAMILIES}
     for family in RULE_FAMILIES:
-        model = bcosify_pretrained(copy.deepcopy(rules_sources[family]), b=2, keep_bias=False, image_processor=RULES_PROCESSOR)
+        model = bcosify_pretrained(rules_sources[family], b=2, keep_bias=False, image_processor=RULES_PROCESSOR)
         reestimate_batchnorm_statistics(model, [random_images(8, seed=seed).float() for seed in range(10, 14)])
         built[family] = model
     return {family: model.double().eval() for family, model in built.items()}
