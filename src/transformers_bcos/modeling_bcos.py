@@ -790,8 +790,10 @@ class BcosForImageClassification(BcosPreTrainedModel):
             return outputs.bias_free_logits.gather(1, targets[:, None]).squeeze(1), (logits, targets)
 
         weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output, create_graph)
+        with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):  # the graph asked for, even under no_grad
+            contributions = (weights * x.to(weights.dtype)).sum(1)
         return BcosExplanationOutput(
-            contributions=(weights * x.to(weights.dtype)).sum(1),
+            contributions=contributions,
             dynamic_linear_weights=weights,
             target=targets,
             explained_output=output,

@@ -474,8 +474,10 @@ class BcosCLIPModel(BcosPreTrainedModel):
             return powered_cosine(cosine, power), (cosine.detach(), image_embeds.detach())
 
         weights, output, (cosine, image_embeds) = dynamic_linear_weights(self, x, explained_output, create_graph)
+        with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):  # the graph asked for, even under no_grad
+            contributions = (weights * x[:, None].to(weights.dtype)).sum(2)
         return BcosCLIPExplanationOutput(
-            contributions=(weights * x[:, None].to(weights.dtype)).sum(2),
+            contributions=contributions,
             dynamic_linear_weights=weights,
             explained_output=output,
             cosine=cosine,
