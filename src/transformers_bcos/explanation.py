@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from .layers import ExplainableModule
+from .layers import DifferentiableFactors, ExplainableModule
 
 
 
@@ -163,10 +163,22 @@ def resolve_targets(target: TargetType, logits: torch.Tensor, label2id: Optional
     return torch.tensor(targets, dtype=torch.long, device=logits.device)
 
 
+@contextmanager
+def _differentiable_factors(factors: Optional[DifferentiableFactors]):
+    """Make explanation mode record and replay ``factors`` (None: a plain explanation)."""
+    previous = ExplainableModule.differentiable_factors
+    ExplainableModule.differentiable_factors = factors
+    try:
+        yield
+    finally:
+        ExplainableModule.differentiable_factors = previous
+
+
 def dynamic_linear_weights(
     model: torch.nn.Module,
     encoded_inputs: torch.Tensor,
     explained_output: Callable[[torch.Tensor], torch.Tensor],
+    create_graph: bool = False,
 ):
     """Run ``model`` in explanation mode and return ``(W(x), y, aux)``.
 
@@ -182,32 +194,46 @@ def dynamic_linear_weights(
     model's output scale (a freshly converted model's 1e-5 would otherwise put W(x) below the
     smallest float16 number). W(x) and y come back in at least float32, so that the contributions
     summed from them lose nothing more to rounding.
+
+    ``create_graph``: W(x) comes back with a graph to the parameters, whose gradient is the total
+    derivative of the function θ -> W(x; θ) that the plain call computes. The dynamic factors are
+    constant in the input, as always, but keep their dependence on the parameters: a first
+    forward pass of x detached records them with autograd, and the explained pass of x replays
+    them (`layers.DifferentiableFactors`). The parameters stay trainable; nothing is accumulated
+    in their ``.grad``. Twice the forward cost, and every path the input gradient takes must be
+    differentiable twice: the layers take their reference expressions there.
     """
     was_training = model.training
     # Only the input needs a gradient: with the parameters frozen meanwhile, autograd keeps no
     # activations for weight gradients, which halves explain()'s memory.
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [] if create_graph else [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with torch.enable_grad(), explanation_mode(model):
+        factors = DifferentiableFactors() if create_graph else None
+        with torch.enable_grad(), explanation_mode(model), _differentiable_factors(factors):
+            if factors is not None:
+                explained_output(encoded_inputs.detach())  # records the factors
+                factors.replaying = True
             x = encoded_inputs.detach().requires_grad_(True)
             y, aux = explained_output(x)
+            if factors is not None and factors.replayed != len(factors.factors):
+                raise RuntimeError("The explained forward pass used fewer dynamic factors than the first pass recorded.")
             _warn_below_float16_range(y.detach())
             flat = y.reshape(y.shape[0], -1)
             seeds = _unit_seeds(flat.detach())
             dtype = torch.promote_types(x.dtype, torch.float32)
             slots = []
             for j in range(flat.shape[1]):
-                (w,) = torch.autograd.grad(flat[:, j], x, seeds[:, j], retain_graph=j + 1 < flat.shape[1])
+                (w,) = torch.autograd.grad(flat[:, j], x, seeds[:, j], retain_graph=create_graph or j + 1 < flat.shape[1], create_graph=create_graph)
                 slots.append(w.to(dtype).div_(seeds[:, j].to(dtype).view(-1, *[1] * (x.dim() - 1))))
             weights = (slots[0].unsqueeze(1) if len(slots) == 1 else torch.stack(slots, dim=1)).reshape(*y.shape, *x.shape[1:])
     finally:
         for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
-    return weights.detach(), y.detach().to(dtype), aux
+    return weights if create_graph else weights.detach(), y.detach().to(dtype), aux
 
 
 def _warn_below_float16_range(y: torch.Tensor) -> None:

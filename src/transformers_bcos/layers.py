@@ -27,9 +27,59 @@ class ExplainableModule(nn.Module):
     """A module whose dynamic (input-dependent, non-linear) factors can be detached.
 
     ``explanation_mode`` is switched for a whole model by ``explanation.explanation_mode``.
+    ``differentiable_factors`` (one for all modules, set by
+    ``explanation.dynamic_linear_weights(create_graph=True)``): where explanation mode takes its
+    dynamic factors from in a differentiable explanation (`explanation_constant`).
     """
 
     explanation_mode: bool = False
+    differentiable_factors: Optional["DifferentiableFactors"] = None
+
+
+class DifferentiableFactors:
+    """The dynamic factors of a differentiable explanation, from two forward passes in
+    explanation mode: the first, of the input detached, records each factor computed with
+    autograd (a function of the parameters); the second, of the explained input, replays them in
+    the order they were recorded. For the second pass each factor is then constant in the input
+    (its input gradient is still W(x)) but keeps its dependence on the parameters."""
+
+    def __init__(self):
+        self.factors = []
+        self.replayed = 0
+        self.replaying = False
+
+    def __call__(self, compute, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.replaying:
+            if self.replayed == len(self.factors):
+                raise RuntimeError("The explained forward pass asked for more dynamic factors than the first pass recorded.")
+            self.replayed += 1
+            return self.factors[self.replayed - 1]
+        # Copies: the callers scale their activations in place, which autograd would find changed
+        # under the factor's graph.
+        factor = compute(*(t.clone() for t in tensors))
+        self.factors.append(factor)
+        return factor
+
+
+def differentiable_explanation() -> bool:
+    """Whether explanation mode computes a differentiable explanation (`DifferentiableFactors`):
+    its input gradient must then be differentiable again, and the layers take their reference
+    expressions, not the hand-written backward passes of their fast paths."""
+    return ExplainableModule.differentiable_factors is not None
+
+
+def explanation_constant(compute, *tensors: torch.Tensor) -> torch.Tensor:
+    """``compute(*tensors)``: a dynamic factor of the explanation (a B-cos scale, a norm's std, an
+    activation gate, an attention matrix), which the explanation holds constant in the input.
+
+    Computed without autograd: a constant; in a differentiable explanation, recorded or replayed
+    by `DifferentiableFactors`.
+    """
+    factors = ExplainableModule.differentiable_factors
+    if factors is None:
+        with torch.no_grad():
+            return compute(*tensors)
+    return factors(compute, *tensors)
 
 
 def encode_pixel_values(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -358,12 +408,16 @@ def _bcos_scale(out: torch.Tensor, inv_norm: torch.Tensor, b: float, detach: boo
 
 
 def _detached_bcos_factor(out: torch.Tensor, inv_norm: torch.Tensor, b: float) -> torch.Tensor:
-    """The factor by which the B-cos non-linearity multiplies ``out``, as a constant: no graph,
-    one temporary (fresh temporaries of activation size cost page faults)."""
-    with torch.no_grad():
+    """The factor by which the B-cos non-linearity multiplies ``out``, as a constant of the
+    explanation (`explanation_constant`), in one temporary (fresh temporaries of activation size
+    cost page faults)."""
+
+    def factor(out, inv_norm):
         if b == 2:
             return out.abs().mul_(inv_norm)
         return (out.abs() * inv_norm).add_(1e-6).pow_(b - 1).to(out.dtype)
+
+    return explanation_constant(factor, out, inv_norm)
 
 
 def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -375,8 +429,12 @@ def _inverse_norm(sum_of_squares: torch.Tensor) -> torch.Tensor:
 
 def _graph_unless(explanation_mode: bool):
     """No autograd graph for what is a constant of the explanation (input norms, attention
-    queries and keys): it would be detached anyway, and its graph kept activations alive."""
-    return torch.no_grad() if explanation_mode else contextlib.nullcontext()
+    queries and keys): it would be detached anyway, and its graph kept activations alive. A
+    differentiable explanation records them with it: they keep their dependence on the parameters."""
+    factors = ExplainableModule.differentiable_factors
+    if explanation_mode and (factors is None or factors.replaying):
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def _check_b(b: float) -> float:
@@ -742,7 +800,13 @@ class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
             x = x.movedim(1, -1)
-        if self.explanation_mode:
+        if self.explanation_mode and differentiable_explanation():
+            # The reference expression, which autograd differentiates twice (the fused node's
+            # backward is not differentiable).
+            inv_std = explanation_constant(lambda t: torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + self.eps), x)
+            y = (x - x.mean(-1, keepdim=True)) * inv_std * self.weight
+            y = y if self.bias is None else y + self.bias
+        elif self.explanation_mode:
             y = _LayerNormDetachedStd.apply(x, self.weight, self.bias, self.eps)
         else:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -804,8 +868,9 @@ class DetachableActivation(ExplainableModule):
     def detached_gate(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x. ``overwrite``: x is
         the caller's temporary, and the gate is written over it."""
-        with torch.no_grad():
-            return (self.gate or _step_gate_)(x if overwrite else x.clone())
+        gate = self.gate or _step_gate_
+        # The copy is made inside: one made outside would carry x's graph through the in-place gate.
+        return explanation_constant(gate if overwrite else lambda t: gate(t.clone()), x)
 
 
 def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
@@ -818,7 +883,8 @@ def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: t
     """
     if linear.can_fuse_epilogue():  # inference: the activation runs inside the linear layer's scale
         return linear.forward_with_epilogue(x, activation.inplace_function)
-    if not (linear.explanation_mode and activation.explanation_mode) or linear.b == 1:
+    fused = linear.explanation_mode and activation.explanation_mode and not differentiable_explanation()
+    if not fused or linear.b == 1:
         return activation(linear(x))
     response = F.linear(x, linear._weight(), linear.bias)
     with torch.no_grad():
@@ -915,7 +981,9 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         square = all(isinstance(v, int) for v in (self.kernel_size, self.stride, self.padding))
         plain = square and self.dilation == 1 and not self.ceil_mode and not self.return_indices
         usual = x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.numel() > 0
-        if not (plain and usual) or torch.compiler.is_compiling():
+        # A differentiable explanation differentiates the pooling twice: the native kernel's
+        # backward is differentiable, this one's is not.
+        if not (plain and usual) or torch.compiler.is_compiling() or differentiable_explanation():
             return False
         # Geometries the native kernel refuses go to it for its error message; the taps of a
         # window are counted in uint8.
@@ -945,7 +1013,7 @@ def conv_norm_activation(
         return conv.forward_with_epilogue(x, gain, getattr(activation, "inplace_function", None))
     layers = [conv, norm] + ([activation] if activation is not None else [])
     weight_grad = torch.is_grad_enabled() and norm.weight.requires_grad
-    if gain is None or conv.b == 1 or weight_grad or not all(layer.explanation_mode for layer in layers):
+    if gain is None or conv.b == 1 or weight_grad or differentiable_explanation() or not all(layer.explanation_mode for layer in layers):
         out = norm(conv(x))
         return out if activation is None else activation(out)
     response = conv._response(x)
@@ -1014,7 +1082,12 @@ class BcosSelfAttention(ExplainableModule):
             query = self.q_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
             key = self.k_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
+        if self.explanation_mode and differentiable_explanation():
+            scale = self.head_dim**-0.5
+            attention = explanation_constant(lambda q, k: torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1), query, key)
+            out = attention @ value
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
 
 

@@ -749,6 +749,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         pixel_values: Optional[torch.Tensor] = None,
         target: TargetType = None,
         encoded_pixel_values: Optional[torch.Tensor] = None,
+        create_graph: bool = False,
     ) -> BcosExplanationOutput:
         """Explain a batch of images exactly, with one forward and one backward pass.
 
@@ -760,6 +761,14 @@ class BcosForImageClassification(BcosPreTrainedModel):
                 (``Unit("backbone.model.resnet.encoder.stages.1", channel=5)``): a channel of a
                 module's output, summed over positions or at one; ``explained_output`` is then its
                 value and ``target`` the channel.
+            create_graph: return ``contributions`` and ``dynamic_linear_weights`` with a graph to
+                the model's parameters, for a loss on the explanation to train through. Its
+                gradient is the total derivative of the plain explanation as a function of the
+                parameters: the dynamic factors (B-cos scales, norm stds, gates, attention) are
+                constant in the input as always, yet vary with the parameters. The values are
+                the plain explanation's. It costs a second forward pass (the factors' own, see
+                `dynamic_linear_weights`) and a graph through the backward pass; the parameters
+                stay trainable meanwhile, and nothing is written to their ``.grad``.
 
         Returns:
             A `BcosExplanationOutput`. ``explained_output`` is the target's logit without the fixed
@@ -770,7 +779,8 @@ class BcosForImageClassification(BcosPreTrainedModel):
             `BcosViTEmbeddings`), so they do not break completeness. Contributions, weights and
             the explained output come in float32 for a half-precision model (see
             `dynamic_linear_weights`). The model's train/eval mode is restored, and no gradient
-            is left on it or the input.
+            is left on it or the input (with ``create_graph``, only the graph the returned
+            tensors hold).
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         # validate before any work
@@ -799,9 +809,11 @@ class BcosForImageClassification(BcosPreTrainedModel):
             targets = resolve_targets(target, logits, self.config.label2id)
             return outputs.bias_free_logits.gather(1, targets[:, None]).squeeze(1), (logits, targets)
 
-        weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output)
+        weights, output, (logits, targets) = dynamic_linear_weights(self, x, explained_output, create_graph)
+        with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):  # the graph asked for, even under no_grad
+            contributions = (weights * x.to(weights.dtype)).sum(1)
         return BcosExplanationOutput(
-            contributions=(weights * x.to(weights.dtype)).sum(1),
+            contributions=contributions,
             dynamic_linear_weights=weights,
             target=targets,
             explained_output=output,

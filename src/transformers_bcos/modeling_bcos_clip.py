@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_bcos_clip import BcosCLIPConfig
 from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets, rgba_explanation
-from .layers import BcosConv2d, BcosLayerNorm, BcosLinear, BcosMlp, BcosSelfAttention, encode_pixel_values, patch_unit_means
+from .layers import BcosConv2d, BcosLayerNorm, BcosLinear, BcosMlp, BcosSelfAttention, encode_pixel_values, explanation_constant, patch_unit_means
 from .modeling_bcos import BcosPreTrainedModel, check_pixel_values
 
 try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
@@ -56,14 +56,15 @@ def _check_cosine_power(cosine_power) -> float:
 
 
 def powered_cosine(cosine: torch.Tensor, cosine_power: float) -> torch.Tensor:
-    """cos·|cos|^(p-1) with the |cos|^(p-1) factor detached, so it stays linear in the image.
+    """cos·|cos|^(p-1) with the |cos|^(p-1) factor detached (a constant of the explanation,
+    `layers.explanation_constant`), so it stays linear in the image.
 
     p > 1 sharpens explanations towards the evidence of the most similar texts while keeping the
     sign of the cosine.
     """
     if cosine_power == 1:
         return cosine
-    return cosine * cosine.abs().detach().pow(cosine_power - 1)
+    return cosine * explanation_constant(lambda c: c.abs().pow(cosine_power - 1), cosine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,8 +406,10 @@ class BcosCLIPModel(BcosPreTrainedModel):
 
     # ------------------------------------------------------------------------------ explanations
 
-    def _unit_text_embeddings(self, text, input_ids, attention_mask, tokenizer) -> torch.Tensor:
-        """(T, D) unit-norm text embeddings of ``text`` or ``input_ids``: constants of the explanation."""
+    def _unit_text_embeddings(self, text, input_ids, attention_mask, tokenizer, create_graph: bool = False) -> torch.Tensor:
+        """(T, D) unit-norm text embeddings of ``text`` or ``input_ids``: constants of the explanation
+        (``create_graph``: with their graph to the text tower, which is frozen unless the caller
+        unfroze it)."""
         if text is not None and input_ids is not None:
             raise ValueError("Pass either text=[...] or input_ids=..., not both.")
         if text is None and input_ids is None:
@@ -417,7 +420,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
             tokens = self.tokenize(text, tokenizer)
         else:
             tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
-        with torch.no_grad():
+        with torch.enable_grad() if create_graph else torch.no_grad():
             embeds = self.get_text_features(**tokens).pooler_output
         return F.normalize(embeds, dim=-1).to(self.visual_projection.weight.dtype)
 
@@ -428,7 +431,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
         degree-0 homogeneous cosine would have contributions that sum to about zero).
         """
         image_embeds = self.get_image_features(encoded_pixel_values=encoded_pixel_values).pooler_output
-        inverse_norm = image_embeds.norm(dim=-1, keepdim=True).reciprocal().detach()
+        inverse_norm = explanation_constant(lambda e: e.norm(dim=-1, keepdim=True).reciprocal(), image_embeds)
         return (image_embeds * inverse_norm) @ unit_text_embeds.t(), image_embeds
 
     def explain(
@@ -440,6 +443,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
         cosine_power: float = 1.0,
         tokenizer=None,
         encoded_pixel_values: Optional[torch.Tensor] = None,
+        create_graph: bool = False,
     ) -> BcosCLIPExplanationOutput:
         """Explain the cosine similarity of each image to each text, exactly.
 
@@ -449,6 +453,10 @@ class BcosCLIPModel(BcosPreTrainedModel):
             input_ids: (T, L) token ids, with their optional ``attention_mask``.
             cosine_power: p in cos·|cos|^(p-1); p > 1 sharpens the explanations (the |cos|^(p-1)
                 factor is detached, so completeness holds for every p).
+            create_graph: contributions and weights with a graph to the parameters, as in
+                `BcosForImageClassification.explain`: the total derivative of the plain
+                explanation in the parameters, every dynamic factor (the image embedding's norm
+                and |cos|^(p-1) included) constant in the input but not in the parameters.
 
         Returns:
             A `BcosCLIPExplanationOutput` whose ``contributions`` (N, T, H, W) sum exactly to
@@ -459,21 +467,23 @@ class BcosCLIPModel(BcosPreTrainedModel):
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         power = _check_cosine_power(cosine_power)
-        unit_text_embeds = self._unit_text_embeddings(text, input_ids, attention_mask, tokenizer)
+        unit_text_embeds = self._unit_text_embeddings(text, input_ids, attention_mask, tokenizer, create_graph)
 
         def explained_output(inputs):
             cosine, image_embeds = self._cosine_with_detached_norm(inputs, unit_text_embeds)
             return powered_cosine(cosine, power), (cosine.detach(), image_embeds.detach())
 
-        weights, output, (cosine, image_embeds) = dynamic_linear_weights(self, x, explained_output)
+        weights, output, (cosine, image_embeds) = dynamic_linear_weights(self, x, explained_output, create_graph)
+        with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):  # the graph asked for, even under no_grad
+            contributions = (weights * x[:, None].to(weights.dtype)).sum(2)
         return BcosCLIPExplanationOutput(
-            contributions=(weights * x[:, None].to(weights.dtype)).sum(2),
+            contributions=contributions,
             dynamic_linear_weights=weights,
             explained_output=output,
             cosine=cosine,
             logits_per_image=self.logit_scale.exp().detach() * cosine,
             image_embeds=F.normalize(image_embeds, dim=-1),
-            text_embeds=unit_text_embeds,
+            text_embeds=unit_text_embeds.detach(),
             encoded_pixel_values=x.detach(),
         )
 

@@ -19,6 +19,7 @@ This file travels with saved checkpoints (``trust_remote_code``): it imports tor
 transformers and the standard library only.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2CLS
 
-from .layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, ExplainableModule
+from .layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, ExplainableModule, differentiable_explanation, explanation_constant
 
 try:
     from transformers import AttentionInterface
@@ -77,10 +78,14 @@ class GatedActivation(ExplainableModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explanation_mode:
             return self.activation(x)
-        with torch.no_grad():
-            # Where x = 0 the product is 0 whatever the gate: 0 avoids 0/0.
-            gate = torch.where(x == 0, torch.zeros_like(x), self.activation(x.clone()) / x)
-        return gate * x
+        return explanation_constant(self._gate, x) * x
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        # Where x = 0 the product is 0 whatever the gate: 0 avoids 0/0. A differentiable
+        # explanation also divides by 1 there: the unselected 0/0 would make the gradient NaN.
+        zero = x == 0
+        denominator = x.masked_fill(zero, 1.0) if differentiable_explanation() else x
+        return torch.where(zero, torch.zeros_like(x), self.activation(x.clone()) / denominator)
 
 
 class DetachedGate(ExplainableModule):
@@ -94,8 +99,7 @@ class DetachedGate(ExplainableModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explanation_mode:
             return self.gate(x)
-        with torch.no_grad():
-            return self.gate(x)
+        return explanation_constant(self.gate, x)
 
 
 class BcosGlobalResponseNorm(ExplainableModule):
@@ -108,11 +112,14 @@ class BcosGlobalResponseNorm(ExplainableModule):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad() if self.explanation_mode else torch.enable_grad():
-            spatial_norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-            normaliser = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
+        normaliser = explanation_constant(self._normaliser, x) if self.explanation_mode else self._normaliser(x)
         out = self.weight * (x * normaliser) + x
         return out if self.bias is None else out + self.bias
+
+    @staticmethod
+    def _normaliser(x: torch.Tensor) -> torch.Tensor:
+        spatial_norm = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        return spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
 
 
 def _is_gating_module(module: nn.Module) -> bool:
@@ -153,12 +160,17 @@ def bcos_attention_forward(module, query, key, value, attention_mask, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    with torch.no_grad():
+
+    def attention_probabilities(query, key, *mask):
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        # at least float32, as transformers' eager attention, but float64 stays float64
-        probabilities = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+        if mask:
+            scores = scores + mask[0]
+        # In at least float32 (float64 models keep their precision: the explanation's
+        # derivative in the parameters is checked against finite differences there).
+        return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+
+    masks = () if attention_mask is None else (attention_mask,)
+    probabilities = explanation_constant(attention_probabilities, query, key, *masks)
     attn_output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
     return attn_output, probabilities
 
@@ -228,7 +240,8 @@ class LinearizedConstants:
             encoded, zeros_args, zeros_kwargs = kwargs[key], (), {**kwargs, key: torch.zeros_like(kwargs[key])}
         self._computing_constants = True
         try:
-            with torch.no_grad():
+            # Constant in the input; a differentiable explanation keeps their graph to the parameters.
+            with contextlib.nullcontext() if differentiable_explanation() else torch.no_grad():
                 constants = module(*zeros_args, **zeros_kwargs)
         finally:
             self._computing_constants = False
