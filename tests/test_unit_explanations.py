@@ -149,3 +149,15 @@ def test_the_pipeline_and_the_cli_explain_a_unit(source_folders, tmp_path):
     refused = subprocess.run([*cli, "--unit", "backbone.stages.9:3", "--overwrite"], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "no module named 'backbone.stages.9'" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_unit_explanation_can_be_trained_through(models):
+    """create_graph=True with a Unit target: the same contributions, with a graph to the parameters."""
+    model = copy.deepcopy(models["convnext"])
+    x = images()
+    unit = Unit("backbone.stages.0", channel=1)
+    plain = model.explain(x, target=unit)
+    differentiable = model.explain(x, target=unit, create_graph=True)
+    torch.testing.assert_close(differentiable.contributions.detach(), plain.contributions, rtol=1e-10, atol=1e-14)
+    differentiable.contributions.square().sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
