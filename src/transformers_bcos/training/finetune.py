@@ -275,7 +275,7 @@ def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> O
         try:
             backbone_family_of(model_type)
         except ValueError as error:
-            raise OptionsError(f"Unsupported architecture in {source}: {error}") from None
+            raise OptionsError(f"--model {source}: {error}") from None
     try:
         if model_type == BcosConfig.model_type:
             model = BcosForImageClassification.from_pretrained(source_for_loading)
