@@ -44,7 +44,7 @@ def _check_image(model, channels: int) -> torch.Tensor:
         with torch.no_grad():
             model(small)
         return small
-    except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
+    except (ValueError, RuntimeError):  # a fixed-size model (the hand-written ViT) refuses other sizes
         size = _own_image_size(model)
         return torch.rand(1, channels, *size, dtype=torch.float64, generator=generator)
 
@@ -77,8 +77,10 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         reference = copy.deepcopy(source).double().eval()
         mean_t = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
         std_t = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        # The source as the converted model runs it: position embeddings interpolated to x's size.
+        options = {"interpolate_pos_encoding": True} if getattr(check_model.backbone, "interpolate_pos_encoding", False) else {}
         with torch.no_grad():
-            expected = reference((x - mean_t) / std_t).logits
+            expected = reference((x - mean_t) / std_t, **options).logits
             logits = check_model(x).logits
         errors["equivalence"] = relative_error(logits, expected, expected)
     if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
