@@ -369,10 +369,11 @@ def short_run(output_dir) -> list:
             "--per_device_train_batch_size", "8", "--num_train_epochs", "2", "--disable_progress_bar"]  # fmt: skip
 
 
-def assert_trained_folder_explains(output_dir, family: str, mnist_images) -> BcosForImageClassification:
+def assert_trained_folder_explains(output_dir, family: str, mnist_images, train_steps: int = 12) -> BcosForImageClassification:
     """The run's folder: the family's architecture with the digits' labels, explanations complete."""
     metrics = json.loads(open(os.path.join(output_dir, "all_results.json")).read())
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["train_steps"] == 12 and metrics["eval_examples"] == 16
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["train_steps"] == train_steps
+    assert metrics["eval_examples"] == 16
     assert all(math.isfinite(e["train_loss"]) for e in metrics["epochs"])
     model = BcosForImageClassification.from_pretrained(output_dir).eval()
     assert isinstance(model.backbone, BcosSourceArchitecture) and model.config.backbone_config.model_type == family
@@ -399,6 +400,20 @@ def test_a_saved_rules_family_model_finetunes_on_new_labels(family, bcos_rules_f
     assert new_head and all(key.startswith("backbone.model.classifier.") for key in new_head), new_head
     changed = [key for key in start if key not in new_head and not torch.equal(trained[key], start[key])]
     assert any(key.endswith("weight") and "classifier" not in key for key in changed)  # the body trained too
+
+
+@pytest.mark.slow  # ~45 s: two processes start and load torch
+def test_two_process_finetuning_of_a_model_with_unused_parameters(tmp_path, launch_env, bcos_rules_folders, mnist_images):
+    """DINOv2 holds a mask token its classifier never uses: DDP must be told to expect parameters
+    without gradients, else the second step fails. The token stays as it was; the rest trains."""
+    output_dir = tmp_path / "run"
+    result = run(launch_command(FINETUNE, "--model", bcos_rules_folders["dinov2"], *short_run(output_dir)), launch_env)
+    assert "2 process(es)" in result.stdout
+    model = assert_trained_folder_explains(output_dir, "dinov2", mnist_images, train_steps=6)  # 2 processes: half the steps
+    start = BcosForImageClassification.from_pretrained(bcos_rules_folders["dinov2"])
+    token = "backbone.model.dinov2.embeddings.mask_token"
+    assert torch.equal(model.state_dict()[token], start.state_dict()[token])
+    assert not torch.equal(model.state_dict()["backbone.model.dinov2.embeddings.cls_token"], start.state_dict()["backbone.model.dinov2.embeddings.cls_token"])
 
 
 @pytest.mark.parametrize("family", SAVED_RULE_FAMILIES)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, ViTConfig
@@ -446,6 +446,11 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
         f"{recipe.lr_scheduler_type} with {recipe.num_warmup_steps} warm-up steps, AGC {recipe.agc_clip_factor:g}, "
         f"{schedule.num_train_epochs} epoch(s) = {schedule.max_train_steps} steps.")
 
+    if model.config.backbone_family == RULES_FAMILY:
+        # The source architecture may hold parameters its classifier never uses (DINOv2's and
+        # BEiT's mask token, for masked image modelling), which DDP refuses unless it looks for
+        # them each step; transformers' Trainer looks for them by default too.
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer, loaders.train, loaders.eval, lr_scheduler = accelerator.prepare(
         model, optimizer, loaders.train, loaders.eval, lr_scheduler
     )
