@@ -35,9 +35,11 @@ def parse_args(argv=None) -> FinetuneOptions:
                              f"(default: {DEFAULT_MODEL}).")
     source.add_argument("--from_scratch", default=None, metavar="FAMILY|CONFIG.json",
                         help="Train a B-cos network from scratch: resnet/vit (the small default architectures) or a "
-                             "JSON config (of any supported image classifier, or a BcosConfig).")
+                             "JSON config (the config of any transformers image classifier, or a BcosConfig).")
     source.add_argument("--b", type=float, default=DEFAULTS.b, help="B-cos exponent.")
-    source.add_argument("--image_size", type=int, default=None, help="Input size of --from_scratch CNNs.")
+    source.add_argument("--image_size", type=int, default=None,
+                        help="Input size of --from_scratch models (default: the image_size of a ViT or rules-family "
+                             "config, else 28 for the resnet family and 224 for a JSON config).")
     recipe = add_recipe_arguments(parser, DEFAULTS)
     recipe.add_argument("--agc_clip_factor", type=float, default=None, help="Adaptive gradient clipping; 0 disables.")
     recipe.add_argument("--bn_reestimation_images", type=int, default=None,

@@ -334,3 +334,28 @@ def randomized_source(model, trained_scale: bool = True):
 def rules_sources():
     """family -> a tiny standard model of each rules family (shared: build once per session)."""
     return {family: tiny_rules_source(family) for family in RULE_FAMILIES}
+
+
+# Rules families saved as B-cos folders for the workflow tests (fine-tuning, CLI, pipeline, GridPG):
+# a transformer whose attention runs through the "bcos" attention function, and a CNN with batch
+# norms and squeeze-excitation gates.
+SAVED_RULE_FAMILIES = ["dinov2", "regnet"]
+# The rules families through tests/test_compile.py's full matrix (the others: tests/test_rules_everywhere.py).
+COMPILED_RULE_FAMILIES = ["dinov2", "swin", "regnet"]
+
+
+@pytest.fixture(scope="session")
+def bcos_rules_folders(rules_sources, tmp_path_factory):
+    """family -> folder of a B-cosified (b = 2, no biases) tiny rules-family model, saved with its
+    32-px image processor (the ImageNet normalisation folded into the model's first layer)."""
+    from transformers_bcos import bcosify_pretrained
+
+    processor = ViTImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+    folders = {}
+    for family in SAVED_RULE_FAMILIES:
+        folder = tmp_path_factory.mktemp(f"bcos_{family}")
+        bcosify_pretrained(rules_sources[family], image_processor=processor).save_pretrained(folder)
+        folders[family] = str(folder)
+    return folders

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, run_without_package
+from conftest import IMAGE_SIZE, SAVED_RULE_FAMILIES, run_without_package
 from huggingface_hub import ModelCard
 from PIL import Image
 from test_clip import character_tokenizer, clip_image_processor, tiny_clip
@@ -147,6 +147,35 @@ def test_panel_shows_the_explanation_of_the_target(converted, digit_files, tmp_p
         # Compare everything below the title bar.
         box = (0, TITLE_HEIGHT, PANEL_SIZE[0], PANEL_SIZE[1])
         np.testing.assert_array_equal(np.asarray(written.convert("RGB").crop(box)), np.asarray(expected.crop(box)))
+
+
+@pytest.mark.parametrize("family", SAVED_RULE_FAMILIES)
+def test_explain_a_saved_rules_family_model(family, bcos_rules_folders, digit_files, tmp_path, capsys):
+    """The panels and printed sums of a model B-cosified by the module-type rules are its explanations."""
+    from transformers import AutoModel
+
+    from transformers_bcos._compat import AutoImageProcessor
+
+    folder = bcos_rules_folders[family]
+    code, out, err = run_in_process(capsys, "explain", folder, *digit_files[:2], "--out", tmp_path, "--top-k", 3, "--target", "class_2")
+    assert code == 0, err
+    model, processor = AutoModel.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    images = []
+    for path in digit_files[:2]:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    explanation = model.explain(pixel_values, target="class_2")  # one batch, as the command explains them
+    panels = explanation_panels(pixel_values, explanation, ["x", "x"])
+    for i, path in enumerate(digit_files[:2]):
+        block = out.split(f"{path} -> ")[1].splitlines()
+        total, output = float(explanation.contributions[i].double().sum()), float(explanation.explained_output[i])
+        assert block[4].strip() == f"explained class_2: contributions sum to {total:.6g}, logit - logit bias {output:.6g}"
+        with Image.open(tmp_path / (os.path.splitext(os.path.basename(path))[0] + ".png")) as written:
+            assert written.size == PANEL_SIZE
+            expected = panels[i]
+            box = (0, TITLE_HEIGHT, PANEL_SIZE[0], PANEL_SIZE[1])  # all but the title bar
+            np.testing.assert_array_equal(np.asarray(written.convert("RGB").crop(box)), np.asarray(expected.crop(box)))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""torch.compile, channels_last and bf16 autocast on every B-cos model family.
+"""torch.compile, channels_last and bf16 autocast on every B-cos model family; torch.compile also
+on families B-cosified by the module-type rules (DINOv2: attention through the "bcos" attention
+function; Swin: windowed attention with relative position biases; RegNet: batch norms and
+squeeze-excitation gates), whose own transformers forward is what is compiled.
 
 Compilation uses the "aot_eager" backend: it traces the whole forward with dynamo (fullgraph=True
 fails on any graph break) and the backward with AOTAutograd, custom autograd Functions included,
@@ -8,13 +11,14 @@ model on a 2-core CPU, and it adds nothing about graph breaks.
 
 import pytest
 import torch
-from conftest import FAMILIES, NUM_LABELS, character_tokenizer, clip_image_processor, tiny_clip
+from conftest import COMPILED_RULE_FAMILIES, FAMILIES, NUM_LABELS, RULES_PROCESSOR, character_tokenizer, clip_image_processor, tiny_clip
 
 from transformers_bcos import bcosify_pretrained, layers
 from transformers_bcos.conversion.clip import bcosify_clip
 
 BACKEND = "aot_eager"
 TARGETS = torch.tensor([0, 1, 2, 3])
+# Rules families compiled here: one of each kind of forward code (see the module docstring).
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +31,10 @@ def fresh_dynamo():
 
 
 @pytest.fixture(scope="module")
-def models(source_folders):
-    return {family: bcosify_pretrained(source_folders[family]) for family in FAMILIES}
+def models(source_folders, rules_sources):
+    hand_written = {family: bcosify_pretrained(source_folders[family]) for family in FAMILIES}
+    by_rules = {family: bcosify_pretrained(rules_sources[family], image_processor=RULES_PROCESSOR) for family in COMPILED_RULE_FAMILIES}
+    return {**hand_written, **by_rules}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def gradients(model):
 # ------------------------------------------------------------------------------ torch.compile
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + COMPILED_RULE_FAMILIES)
 def test_forward_compiles_in_one_graph_and_matches_eager(family, models, pixels):
     model = models[family].eval()
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
@@ -61,7 +67,7 @@ def test_forward_compiles_in_one_graph_and_matches_eager(family, models, pixels)
         torch.testing.assert_close(compiled(pixel_values=pixels).logits, model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + COMPILED_RULE_FAMILIES)
 def test_training_step_compiles_in_one_graph_and_matches_eager(family, models, pixels):
     """Train mode: batch statistics (ResNet's custom batch-norm Function) and the backward pass."""
     model = models[family].train()
@@ -101,8 +107,15 @@ def run_batch_sizes_after_one_recompilation(step):
             step(batch_size)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("training", [False, True])
+# Training steps of a rules family at five batch sizes: 30-45 s each on 2 CPU cores.
+BATCH_SIZE_CASES = [(family, training) for training in (False, True) for family in FAMILIES] + [
+    pytest.param(family, training, marks=[pytest.mark.slow] if training else [])
+    for training in (False, True)
+    for family in COMPILED_RULE_FAMILIES
+]
+
+
+@pytest.mark.parametrize("family, training", BATCH_SIZE_CASES)
 def test_a_compiled_model_takes_any_batch_size_after_one_recompilation(family, training, models, monkeypatch):
     """A new batch size recompiles once with a dynamic batch (dynamo's automatic dynamic shapes);
     no code path may then guard on the batch size (a finetuning run's smaller last batch, varying
@@ -126,7 +139,7 @@ def test_a_compiled_model_takes_any_batch_size_after_one_recompilation(family, t
         model.eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + COMPILED_RULE_FAMILIES)
 def test_explain_through_a_compiled_forward_is_exact(family, models, pixels, monkeypatch):
     model = models[family].eval()
     expected = model.explain(pixels, target=TARGETS)

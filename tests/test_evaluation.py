@@ -5,11 +5,12 @@ import os
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, NUM_LABELS, tiny_source_model
+from conftest import IMAGE_SIZE, NUM_LABELS, SAVED_RULE_FAMILIES, tiny_source_model
 
 from transformers_bcos import bcosify_pretrained
 from transformers_bcos.evaluation import (
     Attribution,
+    BcosExplainer,
     ConfidentImages,
     Explainer,
     GradCAMExplainer,
@@ -279,6 +280,31 @@ def test_gridpg_when_classes_run_out_scores_the_grids_it_could_build():
     assert result.num_grids_built == 1 and result.scores.shape == (1, 4)
     assert ((result.scores >= 0) & (result.scores <= 1)).all()
     assert "1 of 10 grids" in result.report and "only 2 classes still had unused confident images" in result.report
+
+
+@pytest.mark.parametrize("family", SAVED_RULE_FAMILIES)
+def test_gridpg_on_a_saved_rules_family_model_scores_its_own_complete_explanations(family, bcos_rules_folders, mnist_images):
+    """A rules-family B-cos model loaded from its folder plays GridPG on grids twice its input size
+    (no sliding window: DINOv2 interpolates its position embeddings, RegNet is convolutional); each
+    score is the positive share in the cell of the model's own explanation of the grid."""
+    classifier = PixelClassifier.from_pretrained(bcos_rules_folders[family])
+    explainer = make_explainer(classifier)
+    assert isinstance(explainer, BcosExplainer) and explainer.fixed_input_size is None
+    images, digits = mnist_images
+    labels = digits % NUM_LABELS
+    # Every image counts as confident: a tiny random model classifies none of them with confidence.
+    confident = ConfidentImages({c: torch.nonzero(labels == c).flatten().tolist() for c in range(NUM_LABELS)}, 16, 16, "given", 0.5)
+    result = evaluate_grid_pointing_game(explainer, images, labels, 2, 2, batch_size=3, confident=confident, progress=False)
+    assert result.num_grids_built == 2 and result.smoothing == 1  # 32-px cells: no smoothing
+    model = classifier.model
+    for g, cells in enumerate(sample_grids(confident.per_class, 2, 2).grids):
+        grid = build_grid(images[[index for _, index in cells]], 2).unsqueeze(0).expand(4, -1, -1, -1)
+        explanation = model.explain(grid, target=[target for target, _ in cells])
+        positive = explanation.contributions.clamp_min(0)
+        inside = torch.stack([positive[c, 32 * (c // 2) : 32 * (c // 2 + 1), 32 * (c % 2) : 32 * (c % 2 + 1)].sum() for c in range(4)])
+        torch.testing.assert_close(result.scores[g], (inside / positive.sum((1, 2))).double(), rtol=1e-4, atol=1e-6)
+        assert completeness_errors(explainer, grid, explanation.target, progress=False)["max_relative"] < 1e-4
+    assert ((result.scores > 0) & (result.scores < 1)).all()  # real maps: neither empty nor all in one cell
 
 
 # ----------------------------------------------------------------------------------------------

@@ -434,6 +434,9 @@ def test_a_bad_from_scratch_config_is_named(finetune, capsys, tmp_path, no_train
     config.write_text("[1, 2]")
     code, _, err = run_finetune(finetune, capsys, "--output_dir", tmp_path / "out", "--from_scratch", config)
     assert_finetune_error(code, err, "holds a JSON list")
+    config.write_text('{"model_type": "bert"}')  # a transformers model, but no image classifier
+    code, _, err = run_finetune(finetune, capsys, "--output_dir", tmp_path / "out", "--from_scratch", config)
+    assert_finetune_error(code, err, f"--from_scratch {config}: Unsupported backbone 'bert'")
     assert not (tmp_path / "out").exists()
 
 

@@ -5,6 +5,7 @@ oversubscribed CPU run was measured ~40x slower.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,9 +17,21 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ResNetForImageClassification
+from transformers import AutoConfig, ResNetForImageClassification
 
-from conftest import REPO, launch_command, load_example_script, run, run_without_package
+from conftest import (
+    REPO,
+    RULE_FAMILY_CONFIGS,
+    SAVED_RULE_FAMILIES,
+    completeness_error,
+    launch_command,
+    load_example_script,
+    run,
+    run_without_package,
+)
+from transformers_bcos import BcosConfig, BcosForImageClassification
+from transformers_bcos.modeling_bcos import BcosSourceArchitecture
+from transformers_bcos.training import recipe_defaults
 
 FINETUNE = os.path.join(REPO, "examples", "finetune.py")
 
@@ -339,3 +352,82 @@ def test_output_dir_of_another_run_is_refused(tmp_path, launch_env):
     )
     assert (output_dir / "model.safetensors").read_text() == "another run"
     assert time.monotonic() - started < 60  # refused before loading data or models
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Families B-cosified by the module-type rules: a saved B-cos folder, and from scratch
+# ----------------------------------------------------------------------------------------------
+
+DIGITS = {i: str(i) for i in range(10)}
+# The recipe each saved rules family trains with (`recipe_family`): DINOv2 is a transformer.
+RULE_FAMILY_RECIPES = {"dinov2": "vit", "regnet": "cnn"}
+
+
+def short_run(output_dir) -> list:
+    """Two epochs of 48 embedded MNIST digits (6 steps each), evaluated on 16."""
+    return ["--output_dir", str(output_dir), "--max_train_samples", "48", "--max_eval_samples", "16",
+            "--per_device_train_batch_size", "8", "--num_train_epochs", "2", "--disable_progress_bar"]  # fmt: skip
+
+
+def assert_trained_folder_explains(output_dir, family: str, mnist_images, train_steps: int = 12) -> BcosForImageClassification:
+    """The run's folder: the family's architecture with the digits' labels, explanations complete."""
+    metrics = json.loads(open(os.path.join(output_dir, "all_results.json")).read())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["train_steps"] == train_steps
+    assert metrics["eval_examples"] == 16
+    assert all(math.isfinite(e["train_loss"]) for e in metrics["epochs"])
+    model = BcosForImageClassification.from_pretrained(output_dir).eval()
+    assert isinstance(model.backbone, BcosSourceArchitecture) and model.config.backbone_config.model_type == family
+    assert model.config.id2label == DIGITS and model.config.logit_bias == pytest.approx(-math.log(9))
+    explanation = model.explain(mnist_images[0][:4])
+    assert explanation.logits.shape == (4, 10)
+    assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-4
+    return model
+
+
+@pytest.mark.parametrize("family", SAVED_RULE_FAMILIES)
+def test_a_saved_rules_family_model_finetunes_on_new_labels(family, bcos_rules_folders, finetune_script, tmp_path, capsys, mnist_images):
+    """The 5-class model learns the 10 digits: a new head, every other tensor trained from the
+    folder's, with the recipe of its kind of architecture."""
+    folder = bcos_rules_folders[family]
+    assert finetune_script.main(["--model", folder, *short_run(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert f"Model: continued from {folder}" in out
+    assert f"Recipe ({recipe_defaults(RULE_FAMILY_RECIPES[family], small_data=True).source})" in out
+    trained = assert_trained_folder_explains(tmp_path / "run", family, mnist_images).state_dict()
+    start = BcosForImageClassification.from_pretrained(folder).state_dict()
+    assert trained.keys() == start.keys()
+    new_head = {key for key in start if trained[key].shape != start[key].shape}
+    assert new_head and all(key.startswith("backbone.model.classifier.") for key in new_head), new_head
+    changed = [key for key in start if key not in new_head and not torch.equal(trained[key], start[key])]
+    assert any(key.endswith("weight") and "classifier" not in key for key in changed)  # the body trained too
+
+
+@pytest.mark.slow  # ~45 s: two processes start and load torch
+def test_two_process_finetuning_of_a_model_with_unused_parameters(tmp_path, launch_env, bcos_rules_folders, mnist_images):
+    """DINOv2 holds a mask token its classifier never uses: DDP must be told to expect parameters
+    without gradients, else the second step fails. The token stays as it was; the rest trains."""
+    output_dir = tmp_path / "run"
+    result = run(launch_command(FINETUNE, "--model", bcos_rules_folders["dinov2"], *short_run(output_dir)), launch_env)
+    assert "2 process(es)" in result.stdout
+    model = assert_trained_folder_explains(output_dir, "dinov2", mnist_images, train_steps=6)  # 2 processes: half the steps
+    start = BcosForImageClassification.from_pretrained(bcos_rules_folders["dinov2"])
+    token = "backbone.model.dinov2.embeddings.mask_token"
+    assert torch.equal(model.state_dict()[token], start.state_dict()[token])
+    assert not torch.equal(model.state_dict()["backbone.model.dinov2.embeddings.cls_token"], start.state_dict()["backbone.model.dinov2.embeddings.cls_token"])
+
+
+@pytest.mark.parametrize("family", SAVED_RULE_FAMILIES)
+def test_from_scratch_json_config_of_a_rules_family_trains(family, finetune_script, tmp_path, capsys, mnist_images):
+    """--from_scratch with the family's own config (RegNet, at --image_size) or a BcosConfig around
+    it (DINOv2, at the image_size of its config): unit-norm B-cos filters and a lower loss after training."""
+    backbone = AutoConfig.for_model(family, **RULE_FAMILY_CONFIGS[family])
+    config = BcosConfig(backbone_config=backbone) if family == "dinov2" else backbone
+    config.to_json_file(tmp_path / "config.json")
+    size = [] if family == "dinov2" else ["--image_size", "32"]  # a CNN's default would be 224
+    assert finetune_script.main(["--from_scratch", str(tmp_path / "config.json"), *size, *short_run(tmp_path / "run")]) == 0
+    assert f"Recipe ({recipe_defaults(RULE_FAMILY_RECIPES[family], from_scratch=True).source})" in capsys.readouterr().out
+    model = assert_trained_folder_explains(tmp_path / "run", family, mnist_images)
+    assert model.config.normalize_weights and model.config.b == 2.0
+    assert json.loads(open(tmp_path / "run" / "preprocessor_config.json").read())["size"] == {"height": 32, "width": 32}
+    epochs = json.loads(open(tmp_path / "run" / "all_results.json").read())["epochs"]
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, NUM_LABELS, run_without_package
+from conftest import IMAGE_SIZE, NUM_LABELS, SAVED_RULE_FAMILIES, run_without_package
 from PIL import Image
 
 from transformers_bcos import bcosify_pretrained
@@ -138,3 +138,26 @@ def test_pipeline_from_the_saved_folder_in_a_process_without_the_package(saved_v
     scale = max(abs(result["explained_output"]), result["total_magnitude"])
     assert result["completeness_error"] == pytest.approx(abs(result["total"] - result["explained_output"]), abs=1e-7 * scale)
     assert result["completeness_error"] < 1e-4 * scale  # float32 round-off of a tiny-logit model
+
+
+@pytest.mark.parametrize("family", SAVED_RULE_FAMILIES)
+def test_pipeline_from_a_saved_rules_family_folder_explains_like_the_model(family, bcos_rules_folders, digit_images):
+    from transformers import pipeline
+
+    from transformers_bcos import BcosForImageClassification
+
+    folder = bcos_rules_folders[family]
+    # The folder's own copy of the code (its rules.py included), as users load it.
+    explain = pipeline("image-explanation", model=folder, trust_remote_code=True)
+    assert type(explain).__name__ == "ImageExplanationPipeline" and type(explain).__module__.startswith("transformers_modules")
+    assert explain.model.config.backbone_config.model_type == family
+    results = explain(digit_images, target="class_3", top_k=2)
+    model, processor = BcosForImageClassification.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder)
+    reference = model.explain(processor(images=digit_images, return_tensors="pt")["pixel_values"], target="class_3")
+    for i, result in enumerate(results):
+        assert result["label"] == "class_3" and len(result["predictions"]) == 2
+        assert result["explanation"].size == (IMAGE_SIZE, IMAGE_SIZE)
+        expected = reference.contributions[i].numpy()
+        np.testing.assert_allclose(result["contributions"], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+        assert result["explained_output"] == pytest.approx(float(reference.explained_output[i]), rel=1e-5)
+        assert result["completeness_error"] <= 1e-4 * max(abs(result["explained_output"]), np.abs(result["contributions"]).sum())

@@ -106,6 +106,21 @@ def test_batched_explanations_equal_single_ones_and_the_source_is_unchanged(fami
     assert not any(type(m).__module__.startswith("transformers_bcos") for m in source.modules())
 
 
+def test_position_embeddings_of_one_size_are_interpolated_for_other_sizes(rules_sources, converted):
+    """SigLIP's position embeddings are learned for one input size; its B-cos model, as DINOv2's,
+    takes any size (BcosConfig.image_size is None for rules families), interpolating them as the
+    source does when asked: exactly, and with complete explanations."""
+    images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = rules_sources["siglip"](normalized(images), interpolate_pos_encoding=True).logits
+        logits = converted["siglip"][(1, True)](images).logits
+    error = float((logits - expected).abs().max() / expected.abs().max())
+    assert error < 1e-4, error
+    explanation = copy.deepcopy(converted["siglip"][(2, False)]).double().explain(images.double())
+    assert explanation.contributions.shape == (2, 48, 48)
+    assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-10
+
+
 @pytest.mark.parametrize("family", RULE_FAMILIES)
 def test_save_and_load_round_trip(family, converted, tmp_path):
     model = converted[family][(2, False)]

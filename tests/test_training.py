@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from conftest import RULE_FAMILY_CONFIGS, RULES_PROCESSOR, completeness_error
 from torch import nn
-from transformers import ResNetConfig
+from transformers import AutoConfig, ResNetConfig
 
 from transformers_bcos import BcosConfig, BcosForImageClassification, bcosify_pretrained
 from transformers_bcos.layers import BcosBatchNorm2d
@@ -22,6 +23,7 @@ from transformers_bcos.training import (
     create_optimizer,
     create_scheduler,
     recipe_defaults,
+    recipe_family,
     reestimate_batchnorm_statistics,
 )
 from transformers_bcos.training import bcos_bce_loss as exported_loss
@@ -201,6 +203,18 @@ def test_recipe_defaults_follow_the_reference():
         recipe_defaults("vgg")
 
 
+@pytest.mark.parametrize(
+    "model_type, family",
+    [("resnet", "resnet"), ("deit", "vit"), ("dinov2", "vit"), ("swin", "vit"), ("siglip", "vit"), ("regnet", "cnn"), ("efficientnet", "cnn")],
+)
+def test_recipe_family_of_rules_architectures_is_by_kind(model_type, family):
+    """Hand-written backbones keep their family; rules architectures train as ViTs when they have
+    attention heads (SigLIP's are in its vision sub-config), else as CNNs."""
+    config = BcosConfig(backbone_config=AutoConfig.for_model(model_type, **RULE_FAMILY_CONFIGS.get(model_type, {})))
+    assert recipe_family(config) == family
+    assert recipe_defaults(family) is recipe_defaults("vit" if family == "vit" else "resnet")
+
+
 def test_optimizer_excludes_gains_from_weight_decay_and_scheduler_warms_up_then_decays():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     optimizer = create_optimizer(model, learning_rate=1e-3, weight_decay=0.05)
@@ -229,6 +243,27 @@ def test_adapt_classifier_to_new_labels_keeps_explanations_complete(source_folde
     explanation = model.double().explain(images[:3].double(), target="dog")
     assert explanation.logits.shape == (3, 3)
     torch.testing.assert_close(explanation.contributions.sum((1, 2)), explanation.explained_output, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "regnet"])
+def test_adapting_a_rules_family_model_to_new_labels_replaces_only_its_head(family, rules_sources, mnist_images):
+    """Labels of the same number but other names still get a new head (found by shape, as heads
+    differ by family); every other tensor is kept, and explanations stay complete."""
+    model = bcosify_pretrained(rules_sources[family], image_processor=RULES_PROCESSOR)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not adapt_classifier_to_labels(model, [model.config.id2label[i] for i in range(model.config.num_labels)])
+    renamed = ["a", "b", "c", "d", "e"]
+    assert adapt_classifier_to_labels(model, renamed)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and model.config.id2label == dict(enumerate(renamed))
+    head = {key for key in before if key.startswith("backbone.model.classifier.") and key.endswith("weight")}
+    assert head and all(not torch.equal(after[key], before[key]) for key in head)
+    assert all(torch.equal(after[key], before[key]) for key in before if not key.startswith("backbone.model.classifier."))
+    assert adapt_classifier_to_labels(model, ["cat", "dog", "bird"])
+    assert model.config.logit_bias == pytest.approx(-math.log(2))
+    explanation = model.double().explain(mnist_images[0][:3].double(), target="dog")
+    assert explanation.logits.shape == (3, 3)
+    assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-10
 
 
 # ----------------------------------------------------------------------------------------------

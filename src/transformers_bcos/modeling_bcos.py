@@ -11,6 +11,7 @@ transformers and the standard library only.
 """
 
 import copy
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -412,6 +413,10 @@ class BcosSourceArchitecture(nn.Module):
         reader = find_pixel_reader(self.model, 2 * config.num_channels, encoded=True)
         self._pixel_reader_name = next(name for name, module in self.model.named_modules() if module is reader)
         prepare_reader(self.model, reader)
+        # Position embeddings learned for one size (SigLIP's) are interpolated for other sizes where
+        # the source's forward offers it, as DINOv2's always are: the model takes any input size, as
+        # `BcosConfig.image_size` (None) says, GridPG grids included. At that size they are unchanged.
+        self.interpolate_pos_encoding = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
 
     @property
     def pixel_reader(self) -> nn.Conv2d:
@@ -419,7 +424,8 @@ class BcosSourceArchitecture(nn.Module):
         return self.model.get_submodule(self._pixel_reader_name)
 
     def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        out = self.model(pixel_values=encoded_pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        options = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        out = self.model(pixel_values=encoded_pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **options)
         return out.logits, out.hidden_states if output_hidden_states else None
 
     @staticmethod

@@ -65,8 +65,10 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         reference = copy.deepcopy(source).double().eval()
         mean_t = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
         std_t = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        # The source as the converted model runs it: position embeddings interpolated to x's size.
+        options = {"interpolate_pos_encoding": True} if getattr(check_model.backbone, "interpolate_pos_encoding", False) else {}
         with torch.no_grad():
-            expected = logits_of(reference((x - mean_t) / std_t))
+            expected = logits_of(reference((x - mean_t) / std_t, **options))
         errors["equivalence"] = relative_error(logits.detach(), expected, expected)
     if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
         culprits = nonlinear_modules(check_model, check_model.encode_inputs(x))

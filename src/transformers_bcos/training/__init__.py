@@ -12,7 +12,7 @@ from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition
 from .clip_distillation import ClipDistillationOptions, run_clip_distillation
 from .finetune import FinetuneOptions, adapt_classifier_to_labels, run_finetuning
 from .loop import EvaluationResult, evaluate_accuracy, training_step
-from .recipe import Recipe, create_optimizer, create_scheduler, recipe_defaults
+from .recipe import Recipe, create_optimizer, create_scheduler, recipe_defaults, recipe_family
 from .run import OptionsError, RunOptions
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "create_scheduler",
     "evaluate_accuracy",
     "recipe_defaults",
+    "recipe_family",
     "reestimate_batchnorm_statistics",
     "run_clip_distillation",
     "run_finetuning",

@@ -8,6 +8,7 @@ Every input is checked before any work starts (`validate_options`, then the star
 then the data set, each image of which is decoded once).
 """
 
+import copy
 import json
 import math
 import os
@@ -17,12 +18,12 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, ViTConfig
 
-from ..configuration_bcos import BcosConfig, backbone_family_of
+from ..configuration_bcos import RULES_FAMILY, BcosConfig, backbone_family_of
 from ..conversion import bcosify_pretrained
 from ..data import (
     DEFAULT_DATASET,
@@ -35,7 +36,7 @@ from ..data import (
 from ..defaults import STANDARD_MODEL_RECIPES, TRAINING_SUMMARY_FILE, default_standard_model
 from ..layers import BcosLinear
 from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_rows
-from ..modeling_bcos import BcosForImageClassification
+from ..modeling_bcos import BcosForImageClassification, BcosSourceArchitecture
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
 from .loop import check_agc_supported, evaluate_accuracy, training_step
@@ -94,10 +95,9 @@ def _read_scratch_config(spec: str) -> dict:
         raise OptionsError(f"--from_scratch {spec} is not valid JSON: {error}") from None
     if not isinstance(config_dict, dict):
         raise OptionsError(f"--from_scratch {spec} holds a JSON {type(config_dict).__name__}, not a config object.")
-    model_type = config_dict.get("model_type")
-    if model_type != BcosConfig.model_type:
+    if config_dict.get("model_type") != BcosConfig.model_type:
         try:
-            backbone_family_of(model_type)
+            backbone_family_of(config_dict.get("model_type"))
         except ValueError as error:
             raise OptionsError(f"--from_scratch {spec}: {error}") from None
     return config_dict
@@ -144,7 +144,7 @@ class PreparedModel:
     model: BcosForImageClassification
     origin: str  # "bcosified", "continued" or "scratch"
     source: str
-    family: str
+    family: str  # whose recipe it trains with (`recipe_family`)
     source_summary: dict = field(default_factory=dict)
 
 
@@ -171,10 +171,12 @@ def _scratch_config(spec: str, b: float, labels: list, image_size: Optional[int]
         size = backbone.image_size
         if image_size is not None and image_size != size:
             raise OptionsError(f"--image_size {image_size} differs from the ViT config's image_size {size}.")
+    elif backbone_family_of(backbone.model_type) == RULES_FAMILY:
+        # The size the architecture is built for (position embeddings, attention windows), if it names one.
+        built_for = getattr(getattr(backbone, "vision_config", backbone), "image_size", None)
+        size = image_size or (built_for if isinstance(built_for, int) else default_size)
     else:
-        # A config that names its input size (DINOv2, Swin, EfficientNet, ...) is trained at it.
-        config_size = getattr(getattr(backbone, "vision_config", None) or backbone, "image_size", None)
-        size = image_size or (config_size if isinstance(config_size, int) else default_size)
+        size = image_size or default_size
     processor = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
@@ -192,7 +194,7 @@ def _scratch_config(spec: str, b: float, labels: list, image_size: Optional[int]
         id2label={i: name for i, name in enumerate(labels)},
         label2id={name: i for i, name in enumerate(labels)},
     )
-    return config, recipe_family(backbone)
+    return config, recipe_family(config)
 
 
 def _source_model_type(source: str) -> str:
@@ -206,37 +208,42 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
     """Give ``model`` a freshly initialised classifier for ``labels`` unless it already has exactly them.
 
     Returns True when the classifier was replaced. The fixed logit bias follows the new number of
-    classes (-log(C-1)). A model B-cosified by the rules classifies with its source's own head: the
-    last B-cos linear layer of the source architecture with one output per class is replaced.
+    classes (-log(C-1)).
     """
     current = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if current == list(labels):
         return False
-    if model.classifier is not None:
-        parent, name = model, "classifier"
-    else:
-        heads = [
-            (parent, key)
-            for parent in model.backbone.model.modules()
-            for key, child in parent._modules.items()
-            if isinstance(child, BcosLinear) and child.out_features == model.config.num_labels
-        ]
-        if not heads:
-            raise OptionsError(f"Cannot find the classifier of {type(model.backbone.model).__name__} to give it {len(labels)} classes.")
-        parent, name = heads[-1]
-    old = getattr(parent, name)
-    setattr(
-        parent,
-        name,
-        BcosLinear(old.in_features, len(labels), bias=old.bias is not None, b=old.b, normalize_weights=old.normalize_weights).to(
-            device=old.weight.device, dtype=old.weight.dtype
-        ),
-    )
     model.config.num_labels = len(labels)
     model.config.id2label = {i: name for i, name in enumerate(labels)}
     model.config.label2id = {name: i for i, name in enumerate(labels)}
     model.config.logit_bias = -math.log(len(labels) - 1) if len(labels) > 1 else 0.0
+    if model.config.backbone_family == RULES_FAMILY:
+        model.backbone = _with_new_head(model.backbone, model.config)
+        return True
+    old = model.classifier
+    model.classifier = BcosLinear(
+        old.in_features, len(labels), bias=old.bias is not None, b=old.b, normalize_weights=old.normalize_weights
+    ).to(device=old.weight.device, dtype=old.weight.dtype)
     return True
+
+
+def _with_new_head(backbone: BcosSourceArchitecture, config: BcosConfig) -> BcosSourceArchitecture:
+    """The source architecture built again for ``config``'s classes, with every tensor of ``backbone``
+    but its freshly initialised classification head.
+
+    The head is found by shape, as its modules differ from family to family: the tensors whose shape
+    follows the number of classes (those of an architecture built for one more class, on the meta
+    device, differ). Tensors of the same shape are not enough: new labels may be as many as the old.
+    """
+    wider_config = copy.deepcopy(config)
+    wider_config.num_labels = config.num_labels + 1
+    with torch.device("meta"):
+        wider = BcosSourceArchitecture(wider_config).state_dict()
+    reference = next(iter(backbone.parameters()))
+    rebuilt = BcosSourceArchitecture(config).to(device=reference.device, dtype=reference.dtype)
+    head = {key for key, tensor in rebuilt.state_dict().items() if wider[key].shape != tensor.shape}
+    rebuilt.load_state_dict({key: tensor for key, tensor in backbone.state_dict().items() if key not in head}, strict=False)
+    return rebuilt
 
 
 def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> Optional[PreparedModel]:
@@ -268,7 +275,7 @@ def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> O
         try:
             backbone_family_of(model_type)
         except ValueError as error:
-            raise OptionsError(f"{error} ({source})") from None
+            raise OptionsError(f"--model {source}: {error}") from None
     try:
         if model_type == BcosConfig.model_type:
             model = BcosForImageClassification.from_pretrained(source_for_loading)
@@ -276,14 +283,13 @@ def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> O
         else:
             model = bcosify_pretrained(source_for_loading, b=options.b)
             origin = "bcosified"
-        family = recipe_family(model.config.backbone_config)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
         # transformers reports shape mismatches as RuntimeError, refused pickles as UnpicklingError.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise OptionsError(f"Cannot load the model {source}: {message}") from None
     if origin == "continued" and options.b != model.config.b:
         raise OptionsError(f"--b {options.b} differs from the B-cos checkpoint's b={model.config.b}.")
-    return PreparedModel(model, origin, source, family, source_summary)
+    return PreparedModel(model, origin, source, recipe_family(model.config), source_summary)
 
 
 def prepare_model(options: FinetuneOptions, data: ImageClassificationData, starting: Optional[PreparedModel]) -> PreparedModel:
@@ -440,6 +446,11 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
         f"{recipe.lr_scheduler_type} with {recipe.num_warmup_steps} warm-up steps, AGC {recipe.agc_clip_factor:g}, "
         f"{schedule.num_train_epochs} epoch(s) = {schedule.max_train_steps} steps.")
 
+    if model.config.backbone_family == RULES_FAMILY:
+        # The source architecture may hold parameters its classifier never uses (DINOv2's and
+        # BEiT's mask token, for masked image modelling), which DDP refuses unless it looks for
+        # them each step; transformers' Trainer looks for them by default too.
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer, loaders.train, loaders.eval, lr_scheduler = accelerator.prepare(
         model, optimizer, loaders.train, loaders.eval, lr_scheduler
     )

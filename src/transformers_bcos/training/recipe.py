@@ -8,6 +8,8 @@ Defaults (``recipe_defaults``), with their sources:
   (§7: this alone lifts a converted MNIST CNN from chance to 67%).
 * B-cosified ViTs, ImageNet scale: lr 1e-3 with linear warm-up (5% of the steps), cosine decay,
   AGC 0.01 (§3).
+* Architectures B-cosified by the module-type rules take the CNN or the ViT recipe by kind
+  (`recipe_family`): transformers (DINOv2, Swin, BEiT, SigLIP, ...) the ViTs', the others the CNNs'.
 * B-cos networks from scratch: lr 1e-3, cosine, warm-up 5 of 90 epochs (5.5% of the steps) for
   CNNs and ~10k of ~450k steps (2.2%) for ViTs, AGC 0.01 (§2).
 * B-cos CLIP image towers, distilled from the original tower (`CLIP_DISTILLATION_RECIPE`):
@@ -26,9 +28,10 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import get_scheduler
 
-from ..configuration_bcos import SUPPORTED_BACKBONES
+from ..configuration_bcos import RULES_FAMILY
 
-CNN_FAMILIES = ("resnet", "convnext")
+# "cnn": any other convolutional network (one B-cosified by the module-type rules).
+CNN_FAMILIES = ("resnet", "convnext", "cnn")
 FAMILIES = CNN_FAMILIES + ("vit",)
 
 
@@ -67,18 +70,22 @@ CLIP_DISTILLATION_RECIPE = Recipe(
 )
 
 
-def recipe_family(backbone_config) -> str:
-    """The recipe family of a B-cos model's ``backbone_config``: its hand-written family
-    ("resnet", "convnext", "vit"), or for a model B-cosified by the module-type rules "vit" when it
-    attends (its config, or its vision config, names attention heads) and "resnet" otherwise."""
-    if backbone_config.model_type in SUPPORTED_BACKBONES:
-        return SUPPORTED_BACKBONES[backbone_config.model_type]
-    config = getattr(backbone_config, "vision_config", None) or backbone_config
-    return "vit" if any(hasattr(config, name) for name in ("num_attention_heads", "num_heads")) else "resnet"
+def recipe_family(config) -> str:
+    """The family whose recipe a B-cos classifier of ``config`` (a `BcosConfig`) trains with: its
+    hand-written backbone's, or for an architecture B-cosified by the module-type rules "vit" for a
+    transformer (its config, or a sub-config such as SigLIP's vision config, has attention heads)
+    and "cnn" for any other."""
+    if config.backbone_family != RULES_FAMILY:
+        return config.backbone_family
+    backbone = config.backbone_config
+    configs = [backbone] + [getattr(backbone, key, None) for key in getattr(backbone, "sub_configs", {})]
+    heads = [getattr(c, name, None) for c in configs if c is not None for name in ("num_attention_heads", "num_heads")]
+    return "vit" if any(heads) else "cnn"
 
 
 def recipe_defaults(family: str, from_scratch: bool = False, small_data: bool = False) -> Recipe:
-    """The documented defaults for a ``family`` ("resnet", "convnext", "vit") model.
+    """The documented defaults for a ``family`` ("resnet", "convnext", "cnn", "vit") model
+    (`recipe_family` of its config).
 
     ``small_data`` selects the values calibrated on the embedded MNIST (a few epochs on 4,000
     images) instead of the ImageNet-scale recipe. BatchNorm re-estimation applies to B-cosified
