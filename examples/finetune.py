@@ -23,6 +23,7 @@ from transformers_bcos.training.arguments import add_data_arguments, add_output_
 from transformers_bcos.training.checkpointing import CheckpointError
 from transformers_bcos.training.run import TrainingDivergedError
 from transformers_bcos.training.finetune import DEFAULT_MODEL
+from transformers_bcos.training.guidance import GUIDANCE_LOSSES
 
 DEFAULTS = FinetuneOptions()
 
@@ -44,6 +45,19 @@ def parse_args(argv=None) -> FinetuneOptions:
     recipe.add_argument("--agc_clip_factor", type=float, default=None, help="Adaptive gradient clipping; 0 disables.")
     recipe.add_argument("--bn_reestimation_images", type=int, default=None,
                         help="Training images for the BatchNorm re-estimation of a freshly B-cosified CNN; 0 disables.")
+    guidance = parser.add_argument_group(
+        "model guidance (Rao et al., ICCV 2023): a loss on the explanation of the label, from object boxes")
+    guidance.add_argument("--guidance_loss", choices=GUIDANCE_LOSSES, default=None,
+                          help="energy: 1 - the share of positive contribution inside the boxes (the paper's); "
+                               "l1: |scaled positive contributions - box mask|; rrr: squared contributions outside.")
+    guidance.add_argument("--guidance_weight", type=float, default=DEFAULTS.guidance_weight,
+                          help="Weight of the guidance loss beside the classification loss.")
+    guidance.add_argument("--guidance_box_column", default=None,
+                          help="Column of boxes in the datasets object-detection convention ({'bbox': [[x, y, w, h], "
+                               "...]}, pixels); default 'objects' with --guidance_loss. Without a loss, the boxes "
+                               "only score the evaluation's energy pointing game.")
+    guidance.add_argument("--guidance_fraction", type=float, default=DEFAULTS.guidance_fraction,
+                          help="Fraction of the training images with boxes whose boxes are used (seeded choice).")
     add_output_arguments(parser, DEFAULTS)
     return FinetuneOptions(**vars(parser.parse_args(argv)))
 

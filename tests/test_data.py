@@ -223,3 +223,11 @@ def test_a_half_written_cache_entry_is_never_used(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # neither the model folder nor the staging folder remains
     with pytest.raises(ValueError, match="Unknown model family 'vgg'"):
         defaults.default_standard_model("vgg", cache_dir=str(tmp_path))
+
+
+def test_too_few_images_to_hold_out_an_evaluation_set_is_a_data_set_error(tmp_path):
+    image = PILImage.new("RGB", (8, 8))
+    folder = str(tmp_path / "four")
+    Dataset.from_dict({"image": [image] * 4, "label": [0, 1, 0, 1]}).cast_column("image", Image()).save_to_disk(folder)
+    with pytest.raises(DatasetError, match="Cannot hold out 15% of the 4 training images for evaluation.*--eval_split"):
+        load_image_classification_data(folder)

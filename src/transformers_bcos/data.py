@@ -8,6 +8,9 @@
 * `ImageClassificationDataset` + `ImageProcessorCollator`: RGB conversion of every image (mixed
   L/RGBA/CMYK/P/16-bit/float modes, EXIF orientation; `pipeline_bcos.to_rgb`), optional train-time augmentation (random resized crop + horizontal flip,
   with PIL), and the model's saved image processor applied per batch.
+* Bounding boxes for model guidance (`box_column`): the ``datasets`` object-detection convention
+  (a column of ``{"bbox": [[x, y, width, height], ...], ...}`` in pixels, COCO format), rendered
+  as masks that follow the image through augmentation and the image processor.
 """
 
 import functools
@@ -17,7 +20,7 @@ import os
 import tempfile
 import io
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +112,7 @@ class ImageClassificationData:
     labels: list
     source: str
     skipped_images: list = field(default_factory=list)  # (split, file or index, reason) of unreadable images left out
+    box_column: Optional[str] = None  # bounding boxes of the objects (`boxes_of`), kept for model guidance
 
     @property
     def id2label(self) -> dict:
@@ -231,6 +235,7 @@ def load_image_classification_data(
     seed: int = 0,
     cache_dir: Optional[str] = None,
     skip_unreadable_images: bool = False,
+    box_column: Optional[str] = None,
 ) -> ImageClassificationData:
     """Open an image-classification data set and check it can be trained on.
 
@@ -245,6 +250,9 @@ def load_image_classification_data(
         max_train_samples, max_eval_samples: keep a seeded random subset (quick runs, tests).
         skip_unreadable_images: leave out images that cannot be decoded (listed in
             ``skipped_images``) instead of raising. Every image is decoded once to find them.
+        box_column: a column of object bounding boxes to keep (`boxes_of`), for model guidance.
+            It must exist in the training split; an evaluation split without it has no boxes.
+            Every row's boxes are checked.
 
     Raises:
         DatasetError: unknown data set, split or column, a label column that is missing or not
@@ -272,8 +280,16 @@ def load_image_classification_data(
     elif eval_split not in splits:
         raise DatasetError(f"No split {eval_split!r} in the data set; it has splits: {', '.join(splits)}.")
     keep = [image_column, label_column]
+    if box_column is not None:
+        if box_column not in features:
+            raise DatasetError(f"No box column {box_column!r} in the {train_split!r} split; it has columns: "
+                               f"{', '.join(features)}.")
+        if box_column in keep:
+            raise DatasetError(f"The box column {box_column!r} is also the image or the label column.")
+        keep.append(box_column)
     splits = DatasetDict(
-        {name: split.select_columns(keep) for name, split in splits.items() if name in (train_split, eval_split)}
+        {name: split.select_columns([c for c in keep if c in split.column_names])
+         for name, split in splits.items() if name in (train_split, eval_split)}
     )
     for name, split in splits.items():
         if label_column not in split.column_names:
@@ -284,7 +300,11 @@ def load_image_classification_data(
     if eval_split is None:
         if not 0 < eval_fraction < 1:
             raise DatasetError(f"The data set has no evaluation split and eval_fraction={eval_fraction} is not in (0, 1).")
-        parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=label_column)
+        try:
+            parts = train.train_test_split(test_size=eval_fraction, seed=seed, stratify_by_column=label_column)
+        except ValueError as error:  # too few images to hold out a stratified evaluation set
+            raise DatasetError(f"Cannot hold out {eval_fraction:.0%} of the {len(train)} training images for evaluation, "
+                               f"one per class at least ({_first_line(error)}): pass an --eval_split.") from None
         train, evaluation = parts["train"], parts["test"]
         eval_split = f"{eval_fraction:.0%} of {train_split}"
     else:
@@ -311,9 +331,52 @@ def load_image_classification_data(
     if len(train) == 0 or len(evaluation) == 0:
         raise DatasetError(f"Empty split: {len(train)} training and {len(evaluation)} evaluation examples.")
 
+    if box_column is not None:
+        for role, split in (("train", train), ("eval", evaluation)):
+            if box_column in split.column_names:
+                for index, value in enumerate(split[box_column]):
+                    boxes_of(value, where=f"row {index} of the {role} data")
+
     names = list(train.features[label_column].names)
     source = f"{dataset or DEFAULT_DATASET} (train: {train_split}, eval: {eval_split})"
-    return ImageClassificationData(train, evaluation, image_column, label_column, names, source, skipped)
+    return ImageClassificationData(train, evaluation, image_column, label_column, names, source, skipped, box_column)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounding boxes
+# ----------------------------------------------------------------------------------------------
+
+
+def boxes_of(value, where: str = "a row") -> list:
+    """The (x0, y0, x1, y1) pixel boxes of one row of a box column.
+
+    ``value`` follows the ``datasets`` object-detection convention: ``{"bbox": [[x, y, width,
+    height], ...], ...}`` (COCO format, as in the ``objects`` column of cppe-5 or COCO on the Hub),
+    or is that list of ``[x, y, width, height]`` boxes itself. No box (an empty list, None): [].
+    """
+    if isinstance(value, dict):
+        if "bbox" not in value:
+            raise DatasetError(f"The boxes of {where} are a dict without 'bbox' (keys: {', '.join(value)}).")
+        value = value["bbox"]
+    boxes = []
+    for box in value or []:
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+            raise DatasetError(f"The box {box!r} of {where} is not [x, y, width, height] in finite numbers.")
+        x, y, width, height = box
+        if width < 0 or height < 0:
+            raise DatasetError(f"The box {box!r} of {where} has a negative width or height ([x, y, width, height]).")
+        boxes.append((x, y, x + width, y + height))
+    return boxes
+
+
+def box_mask(size: tuple, boxes: Sequence) -> PILImage.Image:
+    """A PIL "L" image of ``size`` (width, height): 255 inside the union of the (x0, y0, x1, y1) boxes,
+    0 elsewhere, fractional coordinates rounded outwards (as `boxes_to_masks` of the evaluation)."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, math.floor(y0)):max(0, math.ceil(y1)), max(0, math.floor(x0)):max(0, math.ceil(x1))] = 255
+    return PILImage.fromarray(mask, mode="L")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,17 +384,18 @@ def load_image_classification_data(
 # ----------------------------------------------------------------------------------------------
 
 
-def random_resized_crop(
-    image: PILImage.Image,
+def random_resized_crop_box(
+    size: tuple,
     rng: np.random.Generator,
     scale: tuple = (0.08, 1.0),
     ratio: tuple = (3 / 4, 4 / 3),
-) -> PILImage.Image:
-    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; resize back to the input size.
+) -> tuple:
+    """The (left, top, right, bottom) crop of `random_resized_crop` for an image of ``size`` (width, height).
 
-    The sampling follows the usual ImageNet RandomResizedCrop (10 tries, then a centre crop).
+    A random area fraction in ``scale`` with aspect ratio in ``ratio``, sampled as the usual
+    ImageNet RandomResizedCrop (10 tries, then a centre crop).
     """
-    width, height = image.size
+    width, height = size
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -342,17 +406,26 @@ def random_resized_crop(
         if 0 < w <= width and 0 < h <= height:
             left = int(rng.integers(0, width - w + 1))
             top = int(rng.integers(0, height - h + 1))
-            break
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
     else:
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            w, h = width, int(round(width / ratio[0]))
-        elif in_ratio > ratio[1]:
-            w, h = int(round(height * ratio[1])), height
-        else:
-            w, h = width, height
-        left, top = (width - w) // 2, (height - h) // 2
-    return image.resize((width, height), PILImage.BILINEAR, box=(left, top, left + w, top + h))
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop(
+    image: PILImage.Image,
+    rng: np.random.Generator,
+    scale: tuple = (0.08, 1.0),
+    ratio: tuple = (3 / 4, 4 / 3),
+) -> PILImage.Image:
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; resize back to the input size."""
+    return image.resize(image.size, PILImage.BILINEAR, box=random_resized_crop_box(image.size, rng, scale, ratio))
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):
@@ -361,6 +434,11 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     Augmentation draws from a generator seeded by (seed, epoch, example index), so an example gets
     the same crop in a resumed run as in an uninterrupted one, on any rank or worker. Call
     `set_epoch` before each epoch.
+
+    With a ``box_column``, each example also has a ``"mask"``: the union of its boxes as a PIL "L"
+    image that went through the image's crop and flip, or None for an example without boxes or
+    outside ``annotated`` (the row indices whose boxes are used; None: every row's). Boxes are in
+    the pixels of the image as ``datasets`` decodes it, upright (it applies the EXIF orientation).
     """
 
     def __init__(
@@ -371,6 +449,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         augment: bool = False,
         seed: int = 0,
         crop_scale: tuple = (0.08, 1.0),
+        box_column: Optional[str] = None,
+        annotated: Optional[Collection] = None,
     ):
         self.dataset = dataset
         self.image_column = image_column
@@ -378,6 +458,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = seed
         self.crop_scale = tuple(crop_scale)
+        self.box_column = box_column if box_column in dataset.column_names else None
+        self.annotated = None if annotated is None else frozenset(int(i) for i in annotated)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -389,12 +471,23 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         example = self.dataset[int(index)]
         image = to_rgb(example[self.image_column])
+        mask = None
+        if self.box_column is not None and (self.annotated is None or int(index) in self.annotated):
+            boxes = boxes_of(example[self.box_column], where=f"row {index}")
+            if boxes:
+                mask = box_mask(image.size, boxes)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            image = random_resized_crop(image, rng, scale=self.crop_scale)
+            crop = random_resized_crop_box(image.size, rng, scale=self.crop_scale)
+            image = image.resize(image.size, PILImage.BILINEAR, box=crop)
+            mask = None if mask is None else mask.resize(mask.size, PILImage.BILINEAR, box=crop)
             if rng.random() < 0.5:
                 image = image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
-        return {"image": image, "label": int(example[self.label_column])}
+                mask = None if mask is None else mask.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
+        example = {"image": image, "label": int(example[self.label_column])}
+        if self.box_column is not None:
+            example["mask"] = mask
+        return example
 
 
 def image_processor_from_dict(settings: dict):
@@ -410,13 +503,39 @@ def image_processor_from_dict(settings: dict):
 
 
 class ImageProcessorCollator:
-    """Batch examples through the model's image processor: ``{"pixel_values", "labels"}`` tensors."""
+    """Batch examples through the model's image processor: ``{"pixel_values", "labels"}`` tensors.
+
+    Examples with a ``"mask"`` entry (a box column) also give ``"guidance_masks"`` (N, H, W)
+    booleans in the processed image's pixels and ``"annotated"`` (N,) booleans (False where the
+    mask is None). A mask goes through the processor as an image, so it follows every resize
+    and crop the image takes; its processed values are thresholded halfway between those of
+    black and white.
+    """
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
+        self._mask_threshold = None
 
     def __call__(self, examples: list) -> dict:
         images = [example["image"] for example in examples]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([example["label"] for example in examples], dtype=torch.long)
-        return {"pixel_values": pixel_values, "labels": labels}
+        batch = {"pixel_values": pixel_values, "labels": labels}
+        if "mask" in examples[0]:
+            batch.update(self._masks([example["mask"] for example in examples], pixel_values.shape[-2:]))
+        return batch
+
+    def _masks(self, masks: list, size: torch.Size) -> dict:
+        annotated = torch.tensor([mask is not None for mask in masks])
+        guidance_masks = torch.zeros(len(masks), *size, dtype=torch.bool)
+        if annotated.any():
+            if self._mask_threshold is None:
+                # Channel 0 of black and of white, processed: the processor's rescale and normalisation.
+                black, white = (PILImage.new("RGB", (8, 8), (v, v, v)) for v in (0, 255))
+                low, high = self.image_processor(images=[black, white], return_tensors="pt")["pixel_values"][:, 0, 0, 0]
+                self._mask_threshold = ((low + high) / 2).item(), bool(high > low)
+            threshold, increasing = self._mask_threshold
+            rendered = [mask.convert("RGB") for mask in masks if mask is not None]
+            values = self.image_processor(images=rendered, return_tensors="pt")["pixel_values"][:, 0]
+            guidance_masks[annotated] = values > threshold if increasing else values < threshold
+        return {"guidance_masks": guidance_masks, "annotated": annotated}

@@ -31,6 +31,7 @@ from ..data import (
     ImageClassificationData,
     ImageClassificationDataset,
     ImageProcessorCollator,
+    boxes_of,
     image_processor_from_dict,
 )
 from ..defaults import STANDARD_MODEL_RECIPES, TRAINING_SUMMARY_FILE, default_standard_model
@@ -39,7 +40,8 @@ from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_
 from ..modeling_bcos import BcosForImageClassification, BcosSourceArchitecture
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
-from .loop import check_agc_supported, evaluate_accuracy, training_step
+from .guidance import GUIDANCE_LOSSES, annotated_rows, evaluate_energy_pointing_game, guidance_loss
+from .loop import check_agc_supported, classification_loss, evaluate_accuracy, training_step
 from .recipe import create_optimizer, create_scheduler, recipe_defaults, recipe_family
 from .run import (
     OptionsError,
@@ -82,6 +84,17 @@ class FinetuneOptions(RunOptions):
     image_size: Optional[int] = None
     agc_clip_factor: Optional[float] = None
     bn_reestimation_images: Optional[int] = None
+    # Model guidance (`transformers_bcos.training.guidance`): the loss, its weight, the boxes'
+    # column (default "objects" with a loss; without one, the boxes only score the evaluation's
+    # energy pointing game) and the fraction of training images with boxes that use them.
+    guidance_loss: Optional[str] = None
+    guidance_weight: float = 1.0
+    guidance_box_column: Optional[str] = None
+    guidance_fraction: float = 1.0
+
+    @property
+    def box_column(self) -> Optional[str]:
+        return self.guidance_box_column or ("objects" if self.guidance_loss else None)
 
 
 def _read_scratch_config(spec: str) -> dict:
@@ -131,6 +144,11 @@ def validate_options(options: FinetuneOptions) -> None:
     check_positive("image_size", options.image_size)
     check_positive("agc_clip_factor", options.agc_clip_factor, allow_zero=True)
     check_positive("bn_reestimation_images", options.bn_reestimation_images, allow_zero=True)
+    if options.guidance_loss is not None and options.guidance_loss not in GUIDANCE_LOSSES:
+        raise OptionsError(f"--guidance_loss {options.guidance_loss!r} is not one of {', '.join(GUIDANCE_LOSSES)}.")
+    check_positive("guidance_weight", options.guidance_weight, allow_zero=True)
+    if not 0 < options.guidance_fraction <= 1:  # also false for NaN
+        raise OptionsError(f"--guidance_fraction must be in (0, 1], got {options.guidance_fraction}.")
     validate_run_options(options, IMAGE_CLASSIFICATION_TEMPLATE)
 
 
@@ -307,6 +325,17 @@ def prepare_model(options: FinetuneOptions, data: ImageClassificationData, start
 # ----------------------------------------------------------------------------------------------
 
 
+def guided_rows(options: FinetuneOptions, data: ImageClassificationData) -> list:
+    """The training rows whose boxes the guidance loss uses (`annotated_rows`); [] without guidance."""
+    if not options.guidance_loss:
+        return []
+    boxes = data.train[data.box_column]
+    rows = annotated_rows(len(boxes), lambda i: bool(boxes_of(boxes[i])), options.guidance_fraction, options.seed)
+    if not rows:
+        raise OptionsError(f"--guidance_loss needs boxes, but no training image has any in the column {data.box_column!r}.")
+    return rows
+
+
 @dataclass
 class ResolvedRecipe:
     learning_rate: float
@@ -376,11 +405,17 @@ def model_card_values(options, prepared: PreparedModel, data: ImageClassificatio
         results.append((f"after BatchNorm re-estimation ({metrics['bn_reestimation_images']} images, no gradient step)",
                         percent(metrics["accuracy_after_bn_reestimation"])))
     for entry in metrics.get("epochs", []):
-        results.append((f"after epoch {entry['epoch']} ({entry['step']} steps)", percent(entry["eval_accuracy"])))
+        value = percent(entry["eval_accuracy"])
+        if "eval_energy_pointing_game" in entry:
+            value += f" (energy pointing game {entry['eval_energy_pointing_game']:.3f})"
+        results.append((f"after epoch {entry['epoch']} ({entry['step']} steps)", value))
     training = optimization_rows(options, recipe.schedule, len(data.train), num_processes, mixed_precision,
                                  recipe.learning_rate, recipe.weight_decay, recipe.lr_scheduler_type,
                                  recipe.num_warmup_steps)
     training.insert(5, ("adaptive gradient clipping", f"{recipe.agc_clip_factor:g}" if recipe.agc_clip_factor > 0 else "off"))
+    if options.guidance_loss:
+        training.append(("model guidance", f"{options.guidance_loss} loss × {options.guidance_weight:g} on the boxes "
+                                           f"(`{options.box_column}`) of {metrics['guidance_annotated_images']:,} training images"))
     base_model = None
     if prepared.origin != "scratch" and not prepared.source.startswith(DEFAULT_MODEL_PREFIX):
         base_model = prepared.source
@@ -422,13 +457,14 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     # A default model is trained on first use: that work waits until the data has been checked.
     trained_on_first_use = options.from_scratch is None and (options.model or DEFAULT_MODEL).startswith(DEFAULT_MODEL_PREFIX)
     starting = None if trained_on_first_use else load_starting_model(options, accelerator)
-    data = load_run_data(options)
+    data = load_run_data(options, box_column=options.box_column)
+    annotated = guided_rows(options, data)
     if trained_on_first_use:
         starting = load_starting_model(options, accelerator)
     prepared = prepare_model(options, data, starting)
     model = prepared.model
     collator = ImageProcessorCollator(image_processor_from_dict(model.config.image_processor))
-    loaders = build_loaders(options, data, collator)
+    loaders = build_loaders(options, data, collator, annotated)
     schedule = resolve_schedule(options, len(loaders.train_dataset), accelerator.num_processes)
     recipe = resolve_recipe(options, prepared, (options.dataset or DEFAULT_DATASET).startswith(EMBEDDED_PREFIX),
                             schedule)
@@ -445,6 +481,10 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     log(f"Recipe ({recipe.source}): lr {recipe.learning_rate:g}, weight decay {recipe.weight_decay:g}, "
         f"{recipe.lr_scheduler_type} with {recipe.num_warmup_steps} warm-up steps, AGC {recipe.agc_clip_factor:g}, "
         f"{schedule.num_train_epochs} epoch(s) = {schedule.max_train_steps} steps.")
+    if options.guidance_loss:
+        log(f"Model guidance: {options.guidance_loss} loss, weight {options.guidance_weight:g}, boxes of "
+            f"{len(annotated):,} training images ({options.box_column!r}).")
+    explained_model = model  # the B-cos classifier itself, which the guidance loss explains
 
     if model.config.backbone_family == RULES_FAMILY:
         # The source architecture may hold parameters its classifier never uses (DINOv2's and
@@ -487,21 +527,39 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
 
     def evaluate(epoch: int, completed_steps: int) -> dict:
         result = evaluate_accuracy(accelerator, model, loaders.eval)
-        log(f"epoch {epoch}: top-1 accuracy {percent(result.accuracy)} on {result.num_examples:,} images "
-            f"(step {completed_steps}).")
-        return {"eval_accuracy": result.accuracy, "eval_examples": result.num_examples}
+        measured = {"eval_accuracy": result.accuracy, "eval_examples": result.num_examples}
+        epg = evaluate_energy_pointing_game(accelerator, model, loaders.eval) if data.box_column else None
+        if epg is not None:
+            measured["eval_energy_pointing_game"] = epg
+        log(f"epoch {epoch}: top-1 accuracy {percent(result.accuracy)} on {result.num_examples:,} images"
+            + (f", energy pointing game {epg:.3f}" if epg is not None else "") + f" (step {completed_steps}).")
+        return measured
+
+    def compute_loss(model, batch: dict) -> torch.Tensor:
+        loss = classification_loss(model, batch)
+        if options.guidance_loss and options.guidance_weight > 0 and batch["annotated"].any():
+            annotated = batch["annotated"]
+            with accelerator.autocast():
+                guidance = guidance_loss(options.guidance_loss, explained_model, batch["pixel_values"][annotated],
+                                         batch["labels"][annotated], batch["guidance_masks"][annotated])
+            loss = loss + options.guidance_weight * guidance
+        return loss
 
     position, completed_steps = train_epochs(
         accelerator, options, model=model, loaders=loaders, schedule=schedule, position=position,
         checkpoints=checkpoints, lr_scheduler=lr_scheduler,
-        train_step=lambda batch: training_step(accelerator, model, batch, optimizer, lr_scheduler, recipe.agc_clip_factor),
+        train_step=lambda batch: training_step(accelerator, model, batch, optimizer, lr_scheduler, recipe.agc_clip_factor,
+                                               compute_loss),
         evaluate=evaluate, description="fine-tuning",
     )
 
     metrics = dict(position.metrics)
     if metrics["epochs"]:
-        metrics["eval_accuracy"] = metrics["epochs"][-1]["eval_accuracy"]
-        metrics["eval_examples"] = metrics["epochs"][-1]["eval_examples"]
+        for key in ("eval_accuracy", "eval_examples", "eval_energy_pointing_game"):
+            if key in metrics["epochs"][-1]:
+                metrics[key] = metrics["epochs"][-1][key]
+    if options.guidance_loss:
+        metrics["guidance_annotated_images"] = len(annotated)
     metrics.update(train_steps=completed_steps, num_processes=accelerator.num_processes)
     save_and_publish(
         options, accelerator, accelerator.unwrap_model(model), accelerator.get_state_dict(model),

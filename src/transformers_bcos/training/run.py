@@ -199,9 +199,10 @@ def create_accelerator(options: RunOptions) -> Accelerator:
     )
 
 
-def load_run_data(options: RunOptions) -> ImageClassificationData:
-    """The run's data set. Every process opens it itself (datasets locks its cache), so that a bad
-    data set fails on all of them alike instead of leaving the others waiting at a barrier."""
+def load_run_data(options: RunOptions, box_column: Optional[str] = None) -> ImageClassificationData:
+    """The run's data set (with ``box_column``'s boxes kept, for model guidance). Every process opens
+    it itself (datasets locks its cache), so that a bad data set fails on all of them alike instead
+    of leaving the others waiting at a barrier."""
     return load_image_classification_data(
         options.dataset,
         image_column=options.image_column,
@@ -212,6 +213,7 @@ def load_run_data(options: RunOptions) -> ImageClassificationData:
         max_eval_samples=options.max_eval_samples,
         seed=options.seed,
         skip_unreadable_images=options.skip_unreadable_images,
+        box_column=box_column,
     )
 
 
@@ -222,12 +224,16 @@ class RunLoaders:
     eval: DataLoader
 
 
-def build_loaders(options: RunOptions, data: ImageClassificationData, collator: ImageProcessorCollator) -> RunLoaders:
+def build_loaders(options: RunOptions, data: ImageClassificationData, collator: ImageProcessorCollator,
+                  annotated: Optional[list] = None) -> RunLoaders:
+    """Training and evaluation loaders. With the data's box column, the training batches carry the
+    masks of the ``annotated`` rows (None: of every row) and the evaluation batches those of every
+    image with boxes (`ImageProcessorCollator`)."""
     train_dataset = ImageClassificationDataset(
         data.train, data.image_column, data.label_column, augment=options.augment, seed=options.seed,
-        crop_scale=(options.augment_min_scale, 1.0),
+        crop_scale=(options.augment_min_scale, 1.0), box_column=data.box_column, annotated=annotated,
     )
-    eval_dataset = ImageClassificationDataset(data.eval, data.image_column, data.label_column)
+    eval_dataset = ImageClassificationDataset(data.eval, data.image_column, data.label_column, box_column=data.box_column)
     # Own generators, so that creating a dataloader iterator never draws from the global RNG.
     train_loader = DataLoader(train_dataset, batch_size=options.per_device_train_batch_size, shuffle=True,
                               collate_fn=collator, num_workers=options.dataloader_num_workers,

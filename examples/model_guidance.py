@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Model guidance under a spurious cue, on real MNIST digits (offline, CPU; RESULTS.md's section).
+
+    python examples/model_guidance.py [--seeds 0 1 2] [--fractions 1 0.1 0.01] [--write_results RESULTS.md]
+
+The embedded MNIST digits get a small white mark in the image border. In the training split its
+position (one of ten) is the label's in ``--cue_strength`` (95 %) of the images and random in
+the others. The default standard ResNet (`default:resnet`) is B-cosified and fine-tuned on them
+with `examples/finetune.py`'s `run_finetuning`: once without guidance, and once with the energy
+loss on the digit's own box (`foreground_box` of the digit before the mark was drawn) for each
+fraction of annotated training images, for each seed. Each model is then tested on the test
+digits with the mark at the label's position (the cue holds), at a random position (the cue says
+nothing) and without a mark; the energy pointing game (the share of the positive contribution to
+the label's logit that lies in the digit's box) is measured on the random-mark test images.
+
+Writes results.json and results.md to ``--output_dir``; ``--write_results RESULTS.md`` also puts
+the table into that file, between its model-guidance markers.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
+from PIL import Image as PILImage
+
+from transformers_bcos import BcosForImageClassification
+from transformers_bcos.data import ImageClassificationDataset, ImageProcessorCollator, image_processor_from_dict, load_embedded_dataset
+from transformers_bcos.evaluation.energy_pointing_game import energy_pointing_game_scores
+from transformers_bcos.training import FinetuneOptions, run_finetuning
+from transformers_bcos.training.guidance import foreground_box
+
+# Ten 3×3 mark positions (x, y) in the border rows of a 28×28 digit, one per class.
+MARK_SIZE = 3
+MARK_POSITIONS = [(x, y) for y in (0, 25) for x in (2, 7, 12, 17, 22)]
+TEST_CUES = ("label", "random", "none")
+RESULTS_BEGIN, RESULTS_END = "<!-- model-guidance:begin -->", "<!-- model-guidance:end -->"
+
+
+def with_mark(image: PILImage.Image, position) -> PILImage.Image:
+    marked = np.array(image)
+    x, y = position
+    marked[y : y + MARK_SIZE, x : x + MARK_SIZE] = 255
+    return PILImage.fromarray(marked)
+
+
+def spurious_cue_split(split: Dataset, cue: str, cue_strength: float, seed: int) -> Dataset:
+    """``split`` with a mark at the label's position ("label": with probability ``cue_strength``, else
+    at another random one), at a random position ("random") or none ("none"), and each digit's box
+    (computed before the mark is drawn) in an ``objects`` column."""
+    rng = np.random.default_rng(seed)
+    images, boxes = [], []
+    for image, label in zip(split["image"], split["label"]):
+        box = foreground_box(image, threshold=0.1)
+        boxes.append({"bbox": [box] if box else []})
+        if cue == "label":
+            position = label if rng.random() < cue_strength else rng.choice([p for p in range(10) if p != label])
+        else:
+            position = int(rng.integers(10))
+        images.append(image if cue == "none" else with_mark(image, MARK_POSITIONS[position]))
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]),
+                         "objects": {"bbox": Sequence(Sequence(Value("float32"), length=4))}})
+    return Dataset.from_dict({"image": images, "label": split["label"], "objects": boxes}, features=features)
+
+
+def build_data(folder: str, cue_strength: float) -> dict:
+    """The training data set (train: cue 95 %, test: random cue) saved to ``folder``, and the three test variants."""
+    mnist = load_embedded_dataset("mnist")
+    tests = {cue: spurious_cue_split(mnist["test"], cue, cue_strength, seed=1) for cue in TEST_CUES}
+    DatasetDict({"train": spurious_cue_split(mnist["train"], "label", cue_strength, seed=0),
+                 "test": tests["random"]}).save_to_disk(folder)
+    return tests
+
+
+@torch.no_grad()
+def test_model(folder: str, tests: dict) -> dict:
+    model = BcosForImageClassification.from_pretrained(folder).eval()
+    collator = ImageProcessorCollator(image_processor_from_dict(model.config.image_processor))
+    measured = {}
+    for cue, split in tests.items():
+        dataset = ImageClassificationDataset(split, "image", "label", box_column="objects")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=250, collate_fn=collator)
+        correct, scores = 0, []
+        for batch in loader:
+            correct += (model(pixel_values=batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum().item()
+            if cue == "random":
+                annotated = batch["annotated"]
+                explanation = model.explain(pixel_values=batch["pixel_values"][annotated], target=batch["labels"][annotated])
+                scores.append(energy_pointing_game_scores(explanation.contributions, masks=batch["guidance_masks"][annotated]))
+        measured[f"accuracy_cue_{cue}"] = correct / len(split)
+        if scores:
+            measured["energy_pointing_game"] = torch.cat(scores).mean().item()
+    return measured
+
+
+def mean_and_spread(values: list) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def results_table(runs: list, args) -> str:
+    rows = ["| guidance | annotated training images | accuracy, cue holds | accuracy, random cue | accuracy, no cue | "
+            "energy pointing game (random cue) |", "|---|---|---|---|---|---|"]
+    settings = [("none", None)] + [("energy", f) for f in args.fractions]
+    for loss, fraction in settings:
+        chosen = [r for r in runs if r["guidance"] == loss and r["fraction"] == fraction]
+        if not chosen:
+            continue
+        annotated = "–" if fraction is None else f"{fraction:.0%} ({chosen[0]['annotated_images']:,})"
+        cells = [mean_and_spread([r[f"accuracy_cue_{cue}"] for r in chosen]) for cue in TEST_CUES]
+        cells.append(mean_and_spread([r["energy_pointing_game"] for r in chosen]))
+        rows.append(f"| {loss if loss == 'none' else f'energy × {args.guidance_weight:g}'} | {annotated} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_results_section(path: str, text: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    if RESULTS_BEGIN not in content or RESULTS_END not in content:
+        raise SystemExit(f"{path} has no {RESULTS_BEGIN} ... {RESULTS_END} markers to write between.")
+    before, rest = content.split(RESULTS_BEGIN, 1)
+    after = rest.split(RESULTS_END, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(before + RESULTS_BEGIN + "\n" + text + "\n" + RESULTS_END + after)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="outputs/model-guidance")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    parser.add_argument("--cue_strength", type=float, default=0.95)
+    parser.add_argument("--guidance_weight", type=float, default=1.0)
+    parser.add_argument("--num_train_epochs", type=int, default=3)
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Fewer training images (quick runs).")
+    parser.add_argument("--learning_rate", type=float, default=1e-3,
+                        help="1e-3, the embedded-MNIST value of the recipe (its data set here is a folder).")
+    parser.add_argument("--from_scratch", action="store_true", help="Train B-cos ResNets from scratch instead.")
+    parser.add_argument("--write_results", default=None, metavar="RESULTS.md")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    data_folder = os.path.join(args.output_dir, "data")
+    tests = build_data(data_folder, args.cue_strength)
+    runs = []
+    settings = [("none", None)] + [("energy", f) for f in args.fractions]
+    for seed in args.seeds:
+        for loss, fraction in settings:
+            name = f"{loss}-{fraction}-seed{seed}" if fraction is not None else f"none-seed{seed}"
+            folder = os.path.join(args.output_dir, "runs", name)
+            run_started = time.perf_counter()
+            metrics = run_finetuning(FinetuneOptions(
+                model=None if args.from_scratch else "default:resnet",
+                from_scratch="resnet" if args.from_scratch else None, learning_rate=args.learning_rate, dataset=data_folder, output_dir=folder, overwrite_output_dir=True,
+                num_train_epochs=args.num_train_epochs, max_train_samples=args.max_train_samples, seed=seed,
+                guidance_loss=None if loss == "none" else loss, guidance_weight=args.guidance_weight,
+                guidance_box_column="objects", guidance_fraction=fraction or 1.0, disable_progress_bar=True,
+            ))
+            run = {"guidance": loss, "fraction": fraction, "seed": seed,
+                   "annotated_images": metrics.get("guidance_annotated_images", 0),
+                   "train_seconds": time.perf_counter() - run_started, **test_model(folder, tests)}
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+
+    table = results_table(runs, args)
+    minutes = (time.perf_counter() - started) / 60
+    text = (f"{table}\n\nMean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
+            f"{args.num_train_epochs} epochs each; cue strength {args.cue_strength:.0%}; "
+            f"{minutes:.1f} min on {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}.")
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"arguments": vars(args), "runs": runs, "minutes": minutes}, f, indent=2)
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
+    if args.write_results:
+        write_results_section(args.write_results, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
