@@ -130,7 +130,7 @@ def write_results_section(path: str, text: str) -> None:
         f.write(before + RESULTS_BEGIN + "\n" + text + "\n" + RESULTS_END + after)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="outputs/model-guidance")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -143,7 +143,11 @@ def main(argv=None) -> int:
                         help="1e-3, the embedded-MNIST value of the recipe (its data set here is a folder).")
     parser.add_argument("--from_scratch", action="store_true", help="Train B-cos ResNets from scratch instead.")
     parser.add_argument("--write_results", default=None, metavar="RESULTS.md")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     started = time.perf_counter()
     data_folder = os.path.join(args.output_dir, "data")
@@ -157,7 +161,8 @@ def main(argv=None) -> int:
             run_started = time.perf_counter()
             metrics = run_finetuning(FinetuneOptions(
                 model=None if args.from_scratch else "default:resnet",
-                from_scratch="resnet" if args.from_scratch else None, learning_rate=args.learning_rate, dataset=data_folder, output_dir=folder, overwrite_output_dir=True,
+                from_scratch="resnet" if args.from_scratch else None, learning_rate=args.learning_rate,
+                dataset=data_folder, output_dir=folder, overwrite_output_dir=True,
                 num_train_epochs=args.num_train_epochs, max_train_samples=args.max_train_samples, seed=seed,
                 guidance_loss=None if loss == "none" else loss, guidance_weight=args.guidance_weight,
                 guidance_box_column="objects", guidance_fraction=fraction or 1.0, disable_progress_bar=True,
