@@ -94,8 +94,13 @@ def test_boxes_follow_the_object_detection_convention_and_bad_ones_are_named():
         boxes_of({"boxes": [[0, 0, 1, 1]]})
     with pytest.raises(DatasetError, match=r"is not \[x, y, width, height\]"):
         boxes_of([[0, 0, 1]], where="row 7")
-    with pytest.raises(DatasetError, match="negative width"):
+    with pytest.raises(DatasetError, match="is empty"):
         boxes_of([[5, 5, -1, 2]])
+    with pytest.raises(DatasetError, match="is empty"):
+        boxes_of([[5, 5, 0, 2]])
+    assert boxes_of([[-0.5, 0, 28.9, 4]], image_size=(28, 28)) == [(-0.5, 0, 28.4, 4)]  # within a pixel
+    with pytest.raises(DatasetError, match=r"of row 3 reaches outside its 28×28 image"):
+        boxes_of([[20, 0, 10, 4]], where="row 3", image_size=(28, 28))
     with pytest.raises(DatasetError, match="finite"):
         boxes_of([[0, 0, float("nan"), 1]])
 
@@ -243,11 +248,15 @@ def test_boxes_without_a_loss_only_score_the_evaluation(finetune_script, tiny_st
         (["--guidance_loss", "energy", "--guidance_fraction", "1.5"], "--guidance_fraction must be in (0, 1]"),
         (["--guidance_loss", "energy", "--guidance_box_column", "boxes"], "No box column 'boxes' in the 'train' split"),
         (["--guidance_loss", "energy", "--guidance_box_column", "label"], "is also the image or the label column"),
+        (["--guidance_loss", "energy", "--dataset", "OUTSIDE"], "The box [20, 2, 10, 4] of row 1 of the train data reaches outside"),
+        (["--guidance_loss", "energy", "--dataset", "EMPTY"], "The box [2, 2, 0, 4] of row 1 of the train data is empty"),
     ],
 )
 def test_bad_guidance_options_fail_with_one_line(finetune_script, tiny_standard_resnet, cue_data, tmp_path, capsys,
                                                  args, message):
     output_dir = tmp_path / "out"
+    bad_boxes = {"OUTSIDE": [20, 2, 10, 4], "EMPTY": [2, 2, 0, 4]}  # in the second row of a data set of their own
+    args = [_boxes_data(tmp_path / a, [[[1, 1, 3, 3]], [bad_boxes[a]]]) if a in bad_boxes else a for a in args]
     assert finetune_script.main(["--model", tiny_standard_resnet, "--dataset", cue_data,
                                  "--output_dir", str(output_dir), *args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -255,11 +264,18 @@ def test_bad_guidance_options_fail_with_one_line(finetune_script, tiny_standard_
     assert not output_dir.exists()
 
 
-def test_a_data_set_without_any_box_is_refused_for_guidance(finetune_script, tiny_standard_resnet, tmp_path, capsys):
+def _boxes_data(folder, boxes_per_row: list) -> str:
+    """A saved data set of 28×28 pictures, labels 0, 1, 0, 1, ... and these boxes, as train and test."""
     image, _ = _box_picture()
-    folder = str(tmp_path / "no_boxes")
-    split = Dataset.from_dict({"image": [image] * 4, "label": [0, 1, 0, 1], "objects": [{"bbox": []}] * 4})
-    DatasetDict({"train": split, "test": split}).cast_column("image", Image()).save_to_disk(folder)
+    rows = len(boxes_per_row)
+    split = Dataset.from_dict({"image": [image] * rows, "label": [i % 2 for i in range(rows)],
+                               "objects": [{"bbox": boxes} for boxes in boxes_per_row]})
+    DatasetDict({"train": split, "test": split}).cast_column("image", Image()).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_a_data_set_without_any_box_is_refused_for_guidance(finetune_script, tiny_standard_resnet, tmp_path, capsys):
+    folder = _boxes_data(tmp_path / "no_boxes", [[]] * 4)
     assert finetune_script.main(["--model", tiny_standard_resnet, "--dataset", folder, "--output_dir",
                                  str(tmp_path / "out"), "--guidance_loss", "energy"]) == 2
     assert "no training image has any in the column 'objects'" in capsys.readouterr().err

@@ -43,6 +43,11 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "picture", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "target")
 
 
+# How far a box may reach past the image's border: boxes rounded to whole pixels, or stored as
+# floats, overshoot it by a fraction of a pixel.
+BOX_TOLERANCE = 1.0
+
+
 class DatasetError(ValueError):
     """A data set that cannot be used as given; the message says what to change."""
 
@@ -334,8 +339,9 @@ def load_image_classification_data(
     if box_column is not None:
         for role, split in (("train", train), ("eval", evaluation)):
             if box_column in split.column_names:
-                for index, value in enumerate(split[box_column]):
-                    boxes_of(value, where=f"row {index} of the {role} data")
+                rows = split.select_columns([image_column, box_column])
+                for index, row in enumerate(rows):
+                    boxes_of(row[box_column], where=f"row {index} of the {role} data", image_size=row[image_column].size)
 
     names = list(train.features[label_column].names)
     source = f"{dataset or DEFAULT_DATASET} (train: {train_split}, eval: {eval_split})"
@@ -347,12 +353,14 @@ def load_image_classification_data(
 # ----------------------------------------------------------------------------------------------
 
 
-def boxes_of(value, where: str = "a row") -> list:
+def boxes_of(value, where: str = "a row", image_size: Optional[tuple] = None) -> list:
     """The (x0, y0, x1, y1) pixel boxes of one row of a box column.
 
     ``value`` follows the ``datasets`` object-detection convention: ``{"bbox": [[x, y, width,
     height], ...], ...}`` (COCO format, as in the ``objects`` column of cppe-5 or COCO on the Hub),
     or is that list of ``[x, y, width, height]`` boxes itself. No box (an empty list, None): [].
+    A box with no area, or one reaching more than `BOX_TOLERANCE` pixels outside an image of
+    ``image_size`` (width, height), is a DatasetError naming it and ``where``.
     """
     if isinstance(value, dict):
         if "bbox" not in value:
@@ -364,8 +372,13 @@ def boxes_of(value, where: str = "a row") -> list:
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
             raise DatasetError(f"The box {box!r} of {where} is not [x, y, width, height] in finite numbers.")
         x, y, width, height = box
-        if width < 0 or height < 0:
-            raise DatasetError(f"The box {box!r} of {where} has a negative width or height ([x, y, width, height]).")
+        if width <= 0 or height <= 0:
+            raise DatasetError(f"The box {box!r} of {where} is empty: its width or height is not positive "
+                               "([x, y, width, height]).")
+        if image_size is not None and (min(x, y) < -BOX_TOLERANCE or x + width > image_size[0] + BOX_TOLERANCE
+                                       or y + height > image_size[1] + BOX_TOLERANCE):
+            raise DatasetError(f"The box {box!r} of {where} reaches outside its {image_size[0]}×{image_size[1]} image "
+                               "([x, y, width, height] in pixels).")
         boxes.append((x, y, x + width, y + height))
     return boxes
 
