@@ -267,7 +267,8 @@ def run(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedPro
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes rather than seconds; the quick tier is -m 'not slow'")
+    config.addinivalue_line("markers", "slow: more than a few seconds (launches, subprocesses, compilation, training); "
+                            "the quick tier, -m 'not slow', stays under 5 minutes on 2 cores")
 
 
 # ------------------------------------------------------------------------------ families by rules

@@ -112,6 +112,7 @@ def test_convert_writes_a_complete_folder_and_nothing_else(converted):
     assert config["model_type"] == "bcos" and config["b"] == 2.0 and config["use_bias"] is False
 
 
+@pytest.mark.slow
 def test_convert_then_explain_writes_panels_of_the_expected_size(converted, digit_files, tmp_path):
     out = tmp_path / "panels"
     result = run_cli("explain", converted, *digit_files, "--out", out, "--top-k", 3, "--target", "class_1")
@@ -194,6 +195,7 @@ def evaluated(converted, digit_folder, source_folders):
     return converted, out.getvalue()
 
 
+@pytest.mark.slow
 def test_evaluate_save_then_push_dry_run_stages_a_folder_that_loads_without_the_package(evaluated, tmp_path):
     converted, out = evaluated
     assert "top-1 accuracy:" in out and "source model top-1 accuracy:" in out and "completeness:" in out
@@ -357,6 +359,7 @@ def test_bad_input_gives_one_line_and_a_non_zero_exit(case, inputs, capsys):
     assert not os.path.exists(inputs.tmp / "out")  # nothing half-written
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_console_command(inputs):
     """The same contract for the command in a fresh process: library noise is silenced too."""
     result = run_cli("explain", inputs.converted, inputs.bad / "not_an_image.png")

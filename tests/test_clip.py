@@ -186,6 +186,7 @@ def test_zero_shot_classification_and_its_explanation(clip_source, images):
 # ------------------------------------------------------------------------------ saving and loading
 
 
+@pytest.mark.slow
 def test_save_then_pipeline_in_a_process_without_the_package(clip_source, images, tmp_path):
     model = bcosify_clip(clip_source[0], b=1.0)  # b=1: cosines far from 0, sharp comparison
     folder = tmp_path / "bcos_clip"

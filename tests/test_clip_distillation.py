@@ -160,6 +160,7 @@ def test_exported_folder_is_a_hub_ready_zero_shot_model(straight_run, photo_crop
     assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_mid_epoch_run_ends_with_the_same_weights(straight_run, tmp_path, clip_folder, photo_crops,
                                                           launch_env):  # fmt: skip
     straight, _ = straight_run

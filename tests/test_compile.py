@@ -68,6 +68,7 @@ def test_forward_compiles_in_one_graph_and_matches_eager(family, models, pixels)
 
 
 @pytest.mark.parametrize("family", FAMILIES + COMPILED_RULE_FAMILIES)
+@pytest.mark.slow
 def test_training_step_compiles_in_one_graph_and_matches_eager(family, models, pixels):
     """Train mode: batch statistics (ResNet's custom batch-norm Function) and the backward pass."""
     model = models[family].train()
@@ -118,6 +119,7 @@ BATCH_SIZE_CASES = [(family, training) for training in (False, True) for family 
 
 
 @pytest.mark.parametrize("family, training", BATCH_SIZE_CASES)
+@pytest.mark.slow
 def test_a_compiled_model_takes_any_batch_size_after_one_recompilation(family, training, models, monkeypatch):
     """A new batch size recompiles once with a dynamic batch (dynamo's automatic dynamic shapes);
     no code path may then guard on the batch size (a finetuning run's smaller last batch, varying

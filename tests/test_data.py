@@ -180,6 +180,7 @@ def test_augmentation_depends_on_epoch_not_on_call_order(embedded):
     assert np.array_equal(np.asarray(plain[1]["image"]), np.asarray(embedded["train"][1]["image"]))
 
 
+@pytest.mark.slow
 def test_default_standard_model_is_a_trained_cached_standard_model(bcos_cache_dir, embedded):
     from transformers import ResNetForImageClassification
 

@@ -567,6 +567,7 @@ def test_a_refused_rng_state_is_reported_on_resume(checkpointed_run, finetune, c
     assert "random_states_0.pkl" in results["resumed_without"][0]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_leave_one_consistent_folder(tiny_standard_resnet, tmp_path):
     """Without the lock, both checked the empty folder, both finished with exit 0, and the folder
     mixed one run's model with the other's run_options.json. Now one run works in the folder and

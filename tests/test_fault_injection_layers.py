@@ -207,6 +207,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_a_resnet_with_a_nan_weight_explains_and_trains_without_a_crash():
     """The reported crash end to end, in a process of its own (a regression would kill pytest):
     a B-cos ResNet (max pooling in its stem) with a NaN weight, explained and trained on CPU.

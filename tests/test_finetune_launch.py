@@ -108,6 +108,7 @@ PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_process_run_shards_data_and_keeps_replicas_identical(tmp_path, launch_env, tiny_standard_resnet):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
@@ -194,6 +195,7 @@ def _latest_position(output_dir: str):
         return None
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_mid_epoch_to_the_same_weights(tmp_path, launch_env, tiny_standard_resnet):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     run(launch_command(FINETUNE, *_finetune_args(tiny_standard_resnet, straight)), launch_env)
@@ -252,6 +254,7 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(tmp_path, launch_env, 
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ci_sized_run_learns_and_produces_a_hub_ready_folder(tmp_path, launch_env):
     output_dir = str(tmp_path / "run")
     command = [sys.executable, FINETUNE, "--output_dir", output_dir, "--max_train_samples", "1200",

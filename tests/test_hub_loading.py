@@ -50,6 +50,7 @@ def test_installed_package_registers_the_auto_classes(saved_models, mnist_images
             torch.testing.assert_close(model(mnist_images[0][:4]).logits, logits)
 
 
+@pytest.mark.slow
 def test_loads_with_remote_code_in_a_process_without_the_package(saved_models, mnist_images, tmp_path):
     images = tmp_path / "images.pt"
     torch.save(mnist_images[0][:4].clone(), images)  # test data only; models travel as safetensors

@@ -106,6 +106,7 @@ def test_registered_pipeline_takes_a_model_object(saved_vit, digit_images):
     assert result["completeness_error"] < 1e-4 * np.abs(result["contributions"]).sum()
 
 
+@pytest.mark.slow
 def test_pipeline_from_the_saved_folder_in_a_process_without_the_package(saved_vit, digit_images, tmp_path):
     folder, model, processor = saved_vit
     image_path = tmp_path / "digit.png"

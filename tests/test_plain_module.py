@@ -144,6 +144,7 @@ def test_saved_and_loaded_with_an_instance_of_the_class(tmp_path):
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_without_the_package(tmp_path):
     """trust_remote_code: the module's class is the caller's; the rest travels with the folder."""
     model = convert(small_cnn(3))

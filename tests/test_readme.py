@@ -92,6 +92,7 @@ def test_python_blocks_run_as_written_with_local_models(hub_stand_ins, workdir, 
             raise AssertionError(f"README python block {index + 1} failed: {error!r}\n{code}") from error
 
 
+@pytest.mark.slow
 def test_auto_classes_know_bcos_only_after_the_import_or_with_remote_code(hub_stand_ins, tmp_path):
     """What the README says about registration, in fresh processes."""
     from transformers_bcos import bcosify_pretrained
@@ -111,6 +112,7 @@ def test_auto_classes_know_bcos_only_after_the_import_or_with_remote_code(hub_st
     assert remote.returncode == 0 and "transformers_bcos" not in remote.stdout, remote.stderr
 
 
+@pytest.mark.slow
 def test_bash_blocks_run_or_parse(workdir, bcos_cache_dir, monkeypatch, capsys):
     from accelerate.commands.launch import launch_command_parser
     from transformers_bcos.cli import build_parser

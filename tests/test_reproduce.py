@@ -34,6 +34,7 @@ def test_epochs_to_reach_takes_the_first_point_at_or_above_the_target():
     assert reproduce.epochs_to_reach(curve, 0.99) is None
 
 
+@pytest.mark.slow
 def test_tiny_reproduction_writes_tables_json_and_plots(tmp_path, monkeypatch, capsys):
     # Real standard sources, trained by transformers_bcos.defaults into a temporary cache, with
     # one epoch instead of the recipe's 5/20 to fit the CI budget.

@@ -133,6 +133,7 @@ def test_save_and_load_round_trip(family, converted, tmp_path):
     assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-4
 
 
+@pytest.mark.slow
 def test_every_rules_family_loads_without_the_package(converted, tmp_path):
     """trust_remote_code: the saved folders run with transformers alone, explanations included."""
     images = random_images()

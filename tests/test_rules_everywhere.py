@@ -86,6 +86,7 @@ def test_training_a_rules_family_from_scratch_from_a_config(tmp_path):
     assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-10
 
 
+@pytest.mark.slow
 def test_the_cli_pipeline_and_evaluation_on_a_rules_folder(finetuned, tmp_path):
     folder = finetuned["dinov2"]
     command = [sys.executable, "-m", "transformers_bcos.cli"]

@@ -128,6 +128,7 @@ def test_an_unknown_module_is_refused_before_any_forward(models):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_the_pipeline_and_the_cli_explain_a_unit(source_folders, tmp_path):
     folder = tmp_path / "model"
     bcosify_pretrained(source_folders["resnet"]).save_pretrained(folder)
