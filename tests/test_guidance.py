@@ -238,6 +238,13 @@ def test_bf16_finetuning_with_guidance_uses_the_chosen_boxes_and_reports_the_poi
     card = (output_dir / "README.md").read_text()
     assert "| model guidance | energy loss × 2 on the boxes (`objects`) of 20 training images |" in card
     assert json.loads((output_dir / "run_options.json").read_text())["guidance_fraction"] == 0.1
+    # Resuming it with another guidance would not continue the same run.
+    assert finetune_script.main([
+        "--model", tiny_standard_resnet, "--dataset", cue_data, "--output_dir", str(output_dir),
+        "--guidance_loss", "energy", "--guidance_weight", "3", "--guidance_fraction", "0.1", "--mixed_precision", "bf16",
+        *FINETUNE_FLAGS, "--resume_from_checkpoint", "latest",
+    ]) == 2  # fmt: skip
+    assert "--guidance_weight 2.0 -> 3.0" in capsys.readouterr().err
 
 
 def test_boxes_without_a_loss_only_score_the_evaluation(finetune_script, tiny_standard_resnet, cue_data, tmp_path):
