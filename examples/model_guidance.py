@@ -13,8 +13,9 @@ digits with the mark at the label's position (the cue holds), at a random positi
 nothing) and without a mark; the energy pointing game (the share of the positive contribution to
 the label's logit that lies in the digit's box) is measured on the random-mark test images.
 
-Writes results.json and results.md to ``--output_dir``; ``--write_results RESULTS.md`` also puts
-the table into that file, between its model-guidance markers.
+Writes results.json, results.md and explanations.png (the first seed's models explaining six
+random-mark test digits) to ``--output_dir``; ``--write_results RESULTS.md`` also puts the table
+into that file, between its model-guidance markers.
 """
 
 import argparse
@@ -28,12 +29,20 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Sequence, Value
 from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
 
 from transformers_bcos import BcosForImageClassification
-from transformers_bcos.data import ImageClassificationDataset, ImageProcessorCollator, image_processor_from_dict, load_embedded_dataset
+from transformers_bcos.data import (
+    ImageClassificationDataset,
+    ImageProcessorCollator,
+    boxes_of,
+    image_processor_from_dict,
+    load_embedded_dataset,
+)
 from transformers_bcos.evaluation.energy_pointing_game import energy_pointing_game_scores
 from transformers_bcos.training import FinetuneOptions, run_finetuning
 from transformers_bcos.training.guidance import foreground_box
+from transformers_bcos.visualization import contribution_heatmap
 
 # Ten 3×3 mark positions (x, y) in the border rows of a 28×28 digit, one per class.
 MARK_SIZE = 3
@@ -96,6 +105,38 @@ def test_model(folder: str, tests: dict) -> dict:
         if scores:
             measured["energy_pointing_game"] = torch.cat(scores).mean().item()
     return measured
+
+
+@torch.no_grad()
+def explanation_figure(path: str, models: dict, split: Dataset, num_images: int = 6, scale: int = 6) -> None:
+    """A PNG: the first ``num_images`` digits of ``split`` (their box outlined), then one row per
+    model of ``models`` (row label -> folder): the contributions to the label's logit, red for
+    evidence for it, blue against, each map scaled to its own 99.5th percentile."""
+    dataset = ImageClassificationDataset(split, "image", "label", box_column="objects")
+    examples = [dataset[i] for i in range(num_images)]
+    side, margin = 28 * scale, 150
+    sheet = PILImage.new("RGB", (margin + num_images * (side + 4), (len(models) + 1) * (side + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=15)
+    boxes = [boxes_of(split[i]["objects"]) for i in range(num_images)]
+
+    def paste(row: int, column: int, pixels: np.ndarray) -> None:
+        x, y = margin + column * (side + 4), row * (side + 4)
+        sheet.paste(PILImage.fromarray(pixels).resize((side, side), PILImage.NEAREST), (x, y))
+        for x0, y0, x1, y1 in boxes[column]:
+            draw.rectangle([x + x0 * scale, y + y0 * scale, x + x1 * scale - 1, y + y1 * scale - 1], outline=(0, 200, 0))
+
+    draw.text((4, side // 2), "test digit,\nmark at random,\ndigit box green", fill="black", font=font)
+    for column, example in enumerate(examples):
+        paste(0, column, np.asarray(example["image"]))
+    for row, (label, folder) in enumerate(models.items(), start=1):
+        model = BcosForImageClassification.from_pretrained(folder).eval()
+        batch = ImageProcessorCollator(image_processor_from_dict(model.config.image_processor))(examples)
+        explanation = model.explain(pixel_values=batch["pixel_values"], target=batch["labels"])
+        draw.text((4, row * (side + 4) + side // 2), label, fill="black", font=font)
+        for column, contributions in enumerate(explanation.contributions):
+            paste(row, column, contribution_heatmap(contributions))
+    sheet.save(path)
 
 
 def mean_and_spread(values: list) -> str:
@@ -173,6 +214,11 @@ def main(argv=None) -> int:
             runs.append(run)
             print(json.dumps(run), flush=True)
 
+    folders = {"no guidance": os.path.join(args.output_dir, "runs", f"none-seed{args.seeds[0]}")}
+    for fraction in sorted(set(args.fractions)):
+        folders[f"energy loss,\n{fraction:.0%} annotated"] = os.path.join(
+            args.output_dir, "runs", f"energy-{fraction}-seed{args.seeds[0]}")
+    explanation_figure(os.path.join(args.output_dir, "explanations.png"), folders, tests["random"])
     table = results_table(runs, args)
     minutes = (time.perf_counter() - started) / 60
     text = (f"{table}\n\nMean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "

@@ -324,6 +324,8 @@ def test_the_spurious_cue_experiment_writes_its_table_into_results(guidance_scri
     ]) == 0  # fmt: skip
     text = results.read_text()
     assert "the previous table" not in text and text.endswith("<!-- model-guidance:end -->\n\nafter\n")
+    with PILImage.open(tmp_path / "experiment" / "explanations.png") as figure:  # digits + the two models' rows
+        assert figure.size[1] == 3 * (28 * 6 + 4)
     runs = json.loads((tmp_path / "experiment" / "results.json").read_text())["runs"]
     assert [(r["guidance"], r["fraction"]) for r in runs] == [("none", None), ("energy", 0.5)]
     assert runs[1]["annotated_images"] == 100
