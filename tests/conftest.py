@@ -157,6 +157,14 @@ def bcos_cache_dir(tmp_path_factory):
 # ------------------------------------------------------------------------------ completeness
 
 
+def assert_batched_explanations_equal_single_ones(model, images: torch.Tensor, targets: list) -> None:
+    """Each image's explanation in a batch equals its explanation alone (float64 models: exactly up to round-off)."""
+    batched = model.explain(images, target=targets)
+    for i, target in enumerate(targets):
+        single = model.explain(images[i : i + 1], target=target)
+        torch.testing.assert_close(batched.contributions[i], single.contributions[0], rtol=1e-9, atol=1e-15)
+
+
 def completeness_error(contributions: torch.Tensor, explained_output: torch.Tensor) -> float:
     """The largest |Σ contributions − explained output| / max(|explained output|, Σ|contributions|)
     over the explained outputs, in float64 (0 where output and contributions are all 0).

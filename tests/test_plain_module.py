@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import completeness_error, load_example_script, run_without_package
+from conftest import assert_batched_explanations_equal_single_ones, completeness_error, load_example_script, run_without_package
 from torch import nn
 
 from transformers_bcos import BcosForImageClassification, bcosify_pretrained
@@ -99,10 +99,7 @@ def test_batched_explanations_equal_single_ones_and_the_module_is_unchanged():
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
     model = convert(cnn).double()
     x = images(3, dtype=torch.float64)
-    batched = model.explain(x, target=[0, 2, 4])
-    for i, target in enumerate([0, 2, 4]):
-        single = model.explain(x[i : i + 1], target=target)
-        torch.testing.assert_close(batched.contributions[i], single.contributions[0], rtol=1e-9, atol=1e-15)
+    assert_batched_explanations_equal_single_ones(model, x, [0, 2, 4])
     assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
     assert type(cnn.features[0]) is nn.Conv2d and cnn.features[0].in_channels == 3
 

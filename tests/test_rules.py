@@ -17,6 +17,7 @@ from conftest import (
     RULE_FAMILY_CONFIGS,
     RULE_LABELS,
     RULES_PROCESSOR,
+    assert_batched_explanations_equal_single_ones,
     completeness_error,
     run_without_package,
     randomized_source,
@@ -98,10 +99,7 @@ def test_batched_explanations_equal_single_ones_and_the_source_is_unchanged(fami
     before = {k: v.clone() for k, v in source.state_dict().items()}
     model = copy.deepcopy(converted[family][(2, False)]).double()  # float64: no round-off of other GEMM blockings
     images = random_images(3, dtype=torch.float64)
-    batched = model.explain(images, target=[0, 2, 4])
-    for i, target in enumerate([0, 2, 4]):
-        single = model.explain(images[i : i + 1], target=target)
-        torch.testing.assert_close(batched.contributions[i], single.contributions[0], rtol=1e-9, atol=1e-15)
+    assert_batched_explanations_equal_single_ones(model, images, [0, 2, 4])
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
     assert not any(type(m).__module__.startswith("transformers_bcos") for m in source.modules())
 

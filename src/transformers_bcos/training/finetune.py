@@ -40,7 +40,7 @@ from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_
 from ..modeling_bcos import BcosForImageClassification, BcosSourceArchitecture
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
-from .guidance import GUIDANCE_LOSSES, annotated_rows, evaluate_energy_pointing_game, guidance_loss
+from .guidance import GUIDANCE_LOSSES, annotated_rows, eval_loader_energy_pointing_game, guidance_loss
 from .loop import check_agc_supported, classification_loss, evaluate_accuracy, training_step
 from .recipe import create_optimizer, create_scheduler, recipe_defaults, recipe_family
 from .run import (
@@ -528,7 +528,7 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     def evaluate(epoch: int, completed_steps: int) -> dict:
         result = evaluate_accuracy(accelerator, model, loaders.eval)
         measured = {"eval_accuracy": result.accuracy, "eval_examples": result.num_examples}
-        epg = evaluate_energy_pointing_game(accelerator, model, loaders.eval) if data.box_column else None
+        epg = eval_loader_energy_pointing_game(accelerator, model, loaders.eval) if data.box_column else None
         if epg is not None:
             measured["eval_energy_pointing_game"] = epg
         log(f"epoch {epoch}: top-1 accuracy {percent(result.accuracy)} on {result.num_examples:,} images"

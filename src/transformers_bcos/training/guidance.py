@@ -81,7 +81,7 @@ def foreground_box(image: Image.Image, threshold: float = 0.5) -> Optional[list]
 
 
 @torch.no_grad()
-def evaluate_energy_pointing_game(accelerator, model, dataloader) -> Optional[float]:
+def eval_loader_energy_pointing_game(accelerator, model, dataloader) -> Optional[float]:
     """The mean energy pointing game of the labelled class's explanation over the evaluation images
     with boxes (all processes gathered); None when no batch has boxes. ``model`` is the prepared
     model; its B-cos classifier is explained."""
