@@ -28,6 +28,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, l
 from PIL import Image as PILImage
 
 from ._compat import AutoImageProcessor
+from .evaluation.energy_pointing_game import boxes_to_masks
 from .pipeline_bcos import to_rgb  # the one image loader of the CLI, the pipeline and training
 
 # The embedded data sets, addressed as "embedded:<name>" on the command line so that they never
@@ -385,16 +386,9 @@ def boxes_of(value, where: str = "a row", image_size: Optional[tuple] = None) ->
 
 def box_mask(size: tuple, boxes: Sequence) -> PILImage.Image:
     """A PIL "L" image of ``size`` (width, height): 255 inside the union of the (x0, y0, x1, y1) boxes,
-    0 elsewhere, fractional coordinates rounded outwards (as `boxes_to_masks` of the evaluation)."""
-    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
-    for x0, y0, x1, y1 in boxes:
-        mask[max(0, math.floor(y0)):max(0, math.ceil(y1)), max(0, math.floor(x0)):max(0, math.ceil(x1))] = 255
-    return PILImage.fromarray(mask, mode="L")
-
-
-# ----------------------------------------------------------------------------------------------
-# Images -> model inputs
-# ----------------------------------------------------------------------------------------------
+    0 elsewhere (the mask of the evaluation's `boxes_to_masks`)."""
+    mask = boxes_to_masks([boxes], height=size[1], width=size[0])[0]
+    return PILImage.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L")
 
 
 def random_resized_crop_box(
