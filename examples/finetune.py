@@ -58,6 +58,16 @@ def parse_args(argv=None) -> FinetuneOptions:
                                "only score the evaluation's energy pointing game.")
     guidance.add_argument("--guidance_fraction", type=float, default=DEFAULTS.guidance_fraction,
                           help="Fraction of the training images with boxes whose boxes are used (seeded choice).")
+    distillation = parser.add_argument_group(
+        "e²KD (Parchami-Araghi et al., CVPR 2024): distillation of a teacher's logits and explanations")
+    distillation.add_argument("--teacher", default=None,
+                              help="Teacher folder (B-cos checkpoint or standard transformers image classifier); "
+                                   "the loss becomes KD + weight × (1 − cosine) of the explanations.")
+    distillation.add_argument("--distillation_temperature", type=float, default=DEFAULTS.distillation_temperature,
+                              help="Temperature of the KD term.")
+    distillation.add_argument("--explanation_distillation_weight", type=float,
+                              default=DEFAULTS.explanation_distillation_weight,
+                              help="Weight λ of the explanation term (0: plain KD).")
     add_output_arguments(parser, DEFAULTS)
     return FinetuneOptions(**vars(parser.parse_args(argv)))
 

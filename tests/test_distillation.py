@@ -86,3 +86,24 @@ def test_explanation_distillation_makes_student_explanations_more_like_the_bcos_
         explanation_similarity_loss(maps, teacher_maps).backward()
         optimizer.step()
     assert similarity() > before + 0.05
+
+
+def test_finetuning_with_a_bcos_teacher_records_the_distillation_in_the_card(bcos_teacher_folder, tiny_standard_resnet, tmp_path):
+    from conftest import load_example_script
+
+    output = str(tmp_path / "out")
+    load_example_script("finetune").main([
+        "--model", tiny_standard_resnet, "--dataset", "embedded:mnist", "--teacher", bcos_teacher_folder,
+        "--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "16", "--bn_reestimation_images", "0", "--disable_progress_bar",
+        "--output_dir", output,
+    ])  # fmt: skip
+    card = open(f"{output}/README.md").read()
+    assert "e²KD from" in card
+
+
+def test_a_nonpositive_distillation_temperature_is_a_one_line_options_error(bcos_teacher_folder):
+    from transformers_bcos.training.finetune import FinetuneOptions, validate_options
+
+    with pytest.raises(OptionsError, match="distillation_temperature"):
+        validate_options(FinetuneOptions(teacher=bcos_teacher_folder, distillation_temperature=0.0))

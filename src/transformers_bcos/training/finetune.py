@@ -40,6 +40,7 @@ from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_
 from ..modeling_bcos import BcosForImageClassification, BcosSourceArchitecture
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
+from .distillation import Teacher, e2kd_loss
 from .guidance import GUIDANCE_LOSSES, annotated_rows, eval_loader_energy_pointing_game, guidance_loss
 from .loop import check_agc_supported, classification_loss, evaluate_accuracy, training_step
 from .recipe import create_optimizer, create_scheduler, recipe_defaults, recipe_family
@@ -91,6 +92,12 @@ class FinetuneOptions(RunOptions):
     guidance_weight: float = 1.0
     guidance_box_column: Optional[str] = None
     guidance_fraction: float = 1.0
+    # e²KD (`transformers_bcos.training.distillation`): with a teacher, the loss is KD at the
+    # temperature + the weight × (1 − cosine) of the explanations of the teacher's top-1 class,
+    # as in the paper; the labels are not used by the loss.
+    teacher: Optional[str] = None
+    distillation_temperature: float = 1.0
+    explanation_distillation_weight: float = 1.0
 
     @property
     def box_column(self) -> Optional[str]:
@@ -149,6 +156,10 @@ def validate_options(options: FinetuneOptions) -> None:
     check_positive("guidance_weight", options.guidance_weight, allow_zero=True)
     if not 0 < options.guidance_fraction <= 1:  # also false for NaN
         raise OptionsError(f"--guidance_fraction must be in (0, 1], got {options.guidance_fraction}.")
+    if options.teacher is not None and not os.path.isdir(options.teacher):
+        raise OptionsError(f"--teacher {options.teacher} is not a folder.")
+    check_positive("distillation_temperature", options.distillation_temperature)
+    check_positive("explanation_distillation_weight", options.explanation_distillation_weight, allow_zero=True)
     validate_run_options(options, IMAGE_CLASSIFICATION_TEMPLATE)
 
 
@@ -413,6 +424,10 @@ def model_card_values(options, prepared: PreparedModel, data: ImageClassificatio
                                  recipe.learning_rate, recipe.weight_decay, recipe.lr_scheduler_type,
                                  recipe.num_warmup_steps)
     training.insert(5, ("adaptive gradient clipping", f"{recipe.agc_clip_factor:g}" if recipe.agc_clip_factor > 0 else "off"))
+    if options.teacher:
+        training.append(("distillation", f"e²KD from `{options.teacher}`: KD at temperature "
+                                         f"{options.distillation_temperature:g} + {options.explanation_distillation_weight:g}"
+                                         " × (1 − cosine) of the explanations of the teacher's top-1 class"))
     if options.guidance_loss:
         training.append(("model guidance", f"{options.guidance_loss} loss × {options.guidance_weight:g} on the boxes "
                                            f"(`{options.box_column}`) of {metrics['guidance_annotated_images']:,} training images"))
@@ -485,6 +500,14 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
         log(f"Model guidance: {options.guidance_loss} loss, weight {options.guidance_weight:g}, boxes of "
             f"{len(annotated):,} training images ({options.box_column!r}).")
     explained_model = model  # the B-cos classifier itself, which the guidance loss explains
+    teacher = None
+    if options.teacher:
+        # Each process holds its own frozen teacher on its device; it is never prepared (no DDP).
+        teacher = Teacher(options.teacher, accelerator.device)
+        if [teacher.id2label[i] for i in sorted(teacher.id2label)] != list(data.labels):
+            raise OptionsError(f"--teacher {options.teacher}: its labels differ from the data's labels.")
+        log(f"e²KD from {options.teacher}: temperature {options.distillation_temperature:g}, "
+            f"explanation weight {options.explanation_distillation_weight:g}.")
 
     if model.config.backbone_family == RULES_FAMILY:
         # The source architecture may hold parameters its classifier never uses (DINOv2's and
@@ -536,6 +559,11 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
         return measured
 
     def compute_loss(model, batch: dict) -> torch.Tensor:
+        if teacher is not None:
+            with accelerator.autocast():
+                loss, _ = e2kd_loss(explained_model, teacher, batch["pixel_values"], options.distillation_temperature,
+                                    options.explanation_distillation_weight)
+            return loss
         loss = classification_loss(model, batch)
         if options.guidance_loss and options.guidance_weight > 0 and batch["annotated"].any():
             annotated = batch["annotated"]
