@@ -1,4 +1,5 @@
-"""Training B-cos models: the recipe, its pieces, the fine-tuning run and the CLIP distillation run.
+"""Training B-cos models: the recipe, its pieces, the fine-tuning run (with model guidance and
+e²KD distillation) and the CLIP distillation run.
 
 The loss is the model's own (`bcos_bce_loss`: BCE with 1/C off-labels; the fixed logit bias is
 part of the logits), so a standard training loop needs nothing else from here; the pieces below
