@@ -368,3 +368,14 @@ def bcos_rules_folders(rules_sources, tmp_path_factory):
         bcosify_pretrained(rules_sources[family], image_processor=processor).save_pretrained(folder)
         folders[family] = str(folder)
     return folders
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state, whose mixed precision the first run of this process
+    fixed; a run in another precision needs it cleared (as a new process would have it)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

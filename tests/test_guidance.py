@@ -209,17 +209,6 @@ def finetune_script():
     return load_example_script("finetune")
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state, whose mixed precision the first run of this process
-    fixed; a run in another precision needs it cleared (as a new process would have it)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_finetuning_with_guidance_uses_the_chosen_boxes_and_reports_the_pointing_game(
     finetune_script, tiny_standard_resnet, cue_data, tmp_path, capsys, fresh_accelerator_state
 ):

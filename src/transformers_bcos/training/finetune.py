@@ -40,7 +40,7 @@ from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_
 from ..modeling_bcos import BcosForImageClassification, BcosSourceArchitecture
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
-from .distillation import Teacher, e2kd_loss
+from .distillation import Teacher, e2kd_loss, eval_loader_distillation
 from .guidance import GUIDANCE_LOSSES, annotated_rows, eval_loader_energy_pointing_game, guidance_loss
 from .loop import check_agc_supported, classification_loss, evaluate_accuracy, training_step
 from .recipe import create_optimizer, create_scheduler, recipe_defaults, recipe_family
@@ -419,6 +419,9 @@ def model_card_values(options, prepared: PreparedModel, data: ImageClassificatio
         value = percent(entry["eval_accuracy"])
         if "eval_energy_pointing_game" in entry:
             value += f" (energy pointing game {entry['eval_energy_pointing_game']:.3f})"
+        if "eval_teacher_agreement" in entry:
+            value += (f" (agreement with the teacher {percent(entry['eval_teacher_agreement'])}, explanation similarity "
+                      f"{entry['eval_explanation_similarity']:.3f})")
         results.append((f"after epoch {entry['epoch']} ({entry['step']} steps)", value))
     training = optimization_rows(options, recipe.schedule, len(data.train), num_processes, mixed_precision,
                                  recipe.learning_rate, recipe.weight_decay, recipe.lr_scheduler_type,
@@ -474,11 +477,17 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     starting = None if trained_on_first_use else load_starting_model(options, accelerator)
     data = load_run_data(options, box_column=options.box_column)
     annotated = guided_rows(options, data)
+    # Each process holds its own frozen teacher on its device; it is never prepared (no DDP).
+    teacher = Teacher(options.teacher, accelerator.device) if options.teacher else None
     if trained_on_first_use:
         starting = load_starting_model(options, accelerator)
     prepared = prepare_model(options, data, starting)
     model = prepared.model
     collator = ImageProcessorCollator(image_processor_from_dict(model.config.image_processor))
+    if teacher is not None:
+        first_images = collator([ImageClassificationDataset(data.train.select(range(1)), data.image_column,
+                                                            data.label_column)[0]])["pixel_values"]
+        teacher.check_compatible(data.labels, first_images.to(accelerator.device))
     loaders = build_loaders(options, data, collator, annotated)
     schedule = resolve_schedule(options, len(loaders.train_dataset), accelerator.num_processes)
     recipe = resolve_recipe(options, prepared, (options.dataset or DEFAULT_DATASET).startswith(EMBEDDED_PREFIX),
@@ -499,15 +508,10 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
     if options.guidance_loss:
         log(f"Model guidance: {options.guidance_loss} loss, weight {options.guidance_weight:g}, boxes of "
             f"{len(annotated):,} training images ({options.box_column!r}).")
-    explained_model = model  # the B-cos classifier itself, which the guidance loss explains
-    teacher = None
-    if options.teacher:
-        # Each process holds its own frozen teacher on its device; it is never prepared (no DDP).
-        teacher = Teacher(options.teacher, accelerator.device)
-        if [teacher.id2label[i] for i in sorted(teacher.id2label)] != list(data.labels):
-            raise OptionsError(f"--teacher {options.teacher}: its labels differ from the data's labels.")
+    if teacher is not None:
         log(f"e²KD from {options.teacher}: temperature {options.distillation_temperature:g}, "
             f"explanation weight {options.explanation_distillation_weight:g}.")
+    explained_model = model  # the B-cos classifier itself, which the guidance and e²KD losses explain
 
     if model.config.backbone_family == RULES_FAMILY:
         # The source architecture may hold parameters its classifier never uses (DINOv2's and
@@ -554,17 +558,23 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
         epg = eval_loader_energy_pointing_game(accelerator, model, loaders.eval) if data.box_column else None
         if epg is not None:
             measured["eval_energy_pointing_game"] = epg
+        if teacher is not None:
+            measured.update(eval_loader_distillation(accelerator, model, teacher, loaders.eval))
         log(f"epoch {epoch}: top-1 accuracy {percent(result.accuracy)} on {result.num_examples:,} images"
-            + (f", energy pointing game {epg:.3f}" if epg is not None else "") + f" (step {completed_steps}).")
+            + (f", energy pointing game {epg:.3f}" if epg is not None else "")
+            + (f", agreement with the teacher {percent(measured['eval_teacher_agreement'])}, explanation similarity "
+               f"{measured['eval_explanation_similarity']:.3f}" if teacher is not None else "")
+            + f" (step {completed_steps}).")
         return measured
 
     def compute_loss(model, batch: dict) -> torch.Tensor:
-        if teacher is not None:
+        if teacher is None:
+            loss = classification_loss(model, batch)
+        else:
             with accelerator.autocast():
-                loss, _ = e2kd_loss(explained_model, teacher, batch["pixel_values"], options.distillation_temperature,
-                                    options.explanation_distillation_weight)
-            return loss
-        loss = classification_loss(model, batch)
+                loss = e2kd_loss(model(pixel_values=batch["pixel_values"]).logits, explained_model, teacher,
+                                 batch["pixel_values"], options.distillation_temperature,
+                                 options.explanation_distillation_weight)
         if options.guidance_loss and options.guidance_weight > 0 and batch["annotated"].any():
             annotated = batch["annotated"]
             with accelerator.autocast():
@@ -583,7 +593,8 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
 
     metrics = dict(position.metrics)
     if metrics["epochs"]:
-        for key in ("eval_accuracy", "eval_examples", "eval_energy_pointing_game"):
+        for key in ("eval_accuracy", "eval_examples", "eval_energy_pointing_game", "eval_teacher_agreement",
+                    "eval_explanation_similarity"):
             if key in metrics["epochs"][-1]:
                 metrics[key] = metrics["epochs"][-1][key]
     if options.guidance_loss:
