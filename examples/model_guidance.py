@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -40,6 +39,7 @@ from transformers_bcos.data import (
     load_embedded_dataset,
 )
 from transformers_bcos.evaluation.energy_pointing_game import energy_pointing_game_scores
+from transformers_bcos.evaluation.reporting import mean_and_spread, write_marked_section
 from transformers_bcos.training import FinetuneOptions, run_finetuning
 from transformers_bcos.training.guidance import foreground_box
 from transformers_bcos.visualization import contribution_heatmap
@@ -48,7 +48,6 @@ from transformers_bcos.visualization import contribution_heatmap
 MARK_SIZE = 3
 MARK_POSITIONS = [(x, y) for y in (0, 25) for x in (2, 7, 12, 17, 22)]
 TEST_CUES = ("label", "random", "none")
-RESULTS_BEGIN, RESULTS_END = "<!-- model-guidance:begin -->", "<!-- model-guidance:end -->"
 
 
 def with_mark(image: PILImage.Image, position) -> PILImage.Image:
@@ -139,11 +138,6 @@ def explanation_figure(path: str, models: dict, split: Dataset, num_images: int 
     sheet.save(path)
 
 
-def mean_and_spread(values: list) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-
-
 def results_table(runs: list, args) -> str:
     rows = ["| guidance | annotated training images | accuracy, cue holds | accuracy, random cue | accuracy, no cue | "
             "energy pointing game (random cue) |", "|---|---|---|---|---|---|"]
@@ -158,17 +152,6 @@ def results_table(runs: list, args) -> str:
         rows.append(f"| {loss if loss == 'none' else f'energy × {args.guidance_weight:g}'} | {annotated} | "
                     + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def write_results_section(path: str, text: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        content = f.read()
-    if RESULTS_BEGIN not in content or RESULTS_END not in content:
-        raise SystemExit(f"{path} has no {RESULTS_BEGIN} ... {RESULTS_END} markers to write between.")
-    before, rest = content.split(RESULTS_BEGIN, 1)
-    after = rest.split(RESULTS_END, 1)[1]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(before + RESULTS_BEGIN + "\n" + text + "\n" + RESULTS_END + after)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -231,7 +214,7 @@ def main(argv=None) -> int:
         f.write(text + "\n")
     print(text)
     if args.write_results:
-        write_results_section(args.write_results, text)
+        write_marked_section(args.write_results, "model-guidance", text)
     return 0
 
 

@@ -258,3 +258,21 @@ def test_e2kd_finetuning_under_accelerate_launch_with_two_processes(tmp_path, ti
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["eval_examples"] == 32
     assert 0 <= results["eval_teacher_agreement"] <= 1 and -1 <= results["eval_explanation_similarity"] <= 1
+
+
+@pytest.mark.slow
+def test_the_e2kd_experiment_writes_its_table_into_results(tmp_path, bcos_cache_dir, monkeypatch):
+    monkeypatch.setenv("TRANSFORMERS_BCOS_CACHE", bcos_cache_dir)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n<!-- e2kd:begin -->\nthe previous table\n<!-- e2kd:end -->\n\nafter\n")
+    assert load_example_script("e2kd").main([
+        "--output_dir", str(tmp_path / "experiment"), "--seeds", "0", "--max_train_samples", "64", "--teacher_epochs", "1",
+        "--student_epochs", "1", "--write_results", str(results),
+    ]) == 0  # fmt: skip
+    text = results.read_text()
+    assert "the previous table" not in text and text.endswith("<!-- e2kd:end -->\n\nafter\n")
+    assert "| student, B-cos ResNet (0.08M) | e²KD, T = 4, λ = 1, 64 digits |" in text
+    runs = json.loads((tmp_path / "experiment" / "results.json").read_text())["runs"]
+    assert [r["setting"] for r in runs] == ["labels", "KD", "e²KD"]
+    for r in runs:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["teacher_agreement"] <= 1 and -1 <= r["explanation_similarity"] <= 1

@@ -1,0 +1,26 @@
+"""Reporting experiments: seed statistics and the marked sections of RESULTS.md that each
+experiment script (``examples/model_guidance.py``, ``examples/e2kd.py``) rewrites."""
+
+import statistics
+
+
+def mean_and_spread(values: list, percent: bool = False) -> str:
+    """"mean ± standard deviation" over seeds (0 spread for one value); ``percent``: fractions as %."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    if percent:
+        return f"{100 * statistics.mean(values):.1f}% ± {100 * spread:.1f}"
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def write_marked_section(path: str, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` by
+    ``text``; a SystemExit naming the markers when the file lacks them (nothing is written)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{path} has no {begin} ... {end} markers to write between.")
+    before, rest = content.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(before + begin + "\n" + text + "\n" + end + after)
