@@ -41,6 +41,7 @@ CODE_FILES = {
     "modeling_bcos.py",
     "layers.py",
     "explanation.py",
+    "rules.py",
 }
 
 
@@ -109,6 +110,56 @@ def test_b2_image_tower_is_bias_free(clip_source):
     bcos_units = [m for m in [*model.vision_model.modules(), model.visual_projection] if hasattr(m, "b")]
     assert bcos_units and all(m.b == 2.0 for m in bcos_units)
     assert all(getattr(m, "bias", None) is None for m in [*model.vision_model.modules(), model.visual_projection])
+
+
+def test_the_image_tower_is_clips_own_bcosified_by_the_rules_with_clipmodels_keys(clip_source):
+    from transformers import CLIPVisionModel
+
+    from transformers_bcos.layers import BcosConv2d, BcosLayerNorm, BcosLinear
+    from transformers_bcos.rules import BCOS_ATTENTION, GatedActivation
+
+    folder, source, _ = clip_source
+    model = bcosify_clip(folder)
+    assert isinstance(model.vision_model, CLIPVisionModel) and model.unconverted == []
+    kinds = {type(m) for m in model.vision_model.modules()}
+    assert {BcosConv2d, BcosLinear, BcosLayerNorm, GatedActivation} <= kinds and not kinds & {torch.nn.Linear, torch.nn.LayerNorm}
+    assert model.vision_model.config._attn_implementation == BCOS_ATTENTION
+    image_keys = {k for k in source.state_dict() if k.startswith(("vision_model.", "visual_projection."))}
+    bcos_keys = {k for k in model.state_dict() if k.startswith(("vision_model.", "visual_projection."))}
+    assert bcos_keys == {k for k in image_keys if not k.endswith(".bias")}  # b = 2 drops the biases only
+
+
+def test_conversion_checks_exactness_and_names_a_module_that_breaks_it(clip_source, monkeypatch):
+    from transformers_bcos.conversion.clip import check_clip_exactness
+    from transformers_bcos.conversion.exactness import COMPLETENESS_TOLERANCE, EQUIVALENCE_TOLERANCE, ExactnessError
+    from transformers_bcos.rules import GatedActivation
+
+    folder, source, _ = clip_source
+    assert check_clip_exactness(bcosify_clip(folder, check=False))["completeness"] <= COMPLETENESS_TOLERANCE
+    errors = check_clip_exactness(bcosify_clip(folder, b=1.0, keep_bias=True), source, CLIP_MEAN, CLIP_STD)
+    assert errors == {"equivalence": errors["equivalence"]} and errors["equivalence"] <= EQUIVALENCE_TOLERANCE
+    # b = 1 with biases compared against a wrongly normalised source image: refused.
+    with pytest.raises(ExactnessError, match="does not reproduce the source"):
+        check_clip_exactness(bcosify_clip(folder, b=1.0, keep_bias=True, check=False), source, [0.5] * 3, CLIP_STD)
+    # An activation whose gate is not detached in explanation mode: refused by name.
+    monkeypatch.setattr(GatedActivation, "forward", lambda self, x: self.activation(x))
+    with pytest.raises(ExactnessError, match=r"vision_model\.encoder\.layers\.\d\.mlp\.activation_fn \(GatedActivation"):
+        bcosify_clip(folder)
+
+
+def test_a_checkpoint_of_the_earlier_hand_written_image_tower_is_refused_with_what_to_do(clip_source, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from transformers_bcos.modeling_bcos import CheckpointWeightsError
+
+    folder = tmp_path / "old"
+    bcosify_clip(clip_source[0]).save_pretrained(folder)
+    # The earlier layout: the encoder layers sat directly under vision_model.
+    weights = {k.replace("vision_model.encoder.layers.", "vision_model.layers."): v
+               for k, v in load_file(folder / "model.safetensors").items()}  # fmt: skip
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointWeightsError, match=r"hand-written image tower of an earlier transformers-bcos .*trust_remote_code=True"):
+        BcosCLIPModel.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------ explanations

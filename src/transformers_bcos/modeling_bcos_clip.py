@@ -1,12 +1,13 @@
 """B-cos CLIP: a B-cos image tower beside CLIP's unchanged, frozen text tower.
 
-The image tower mirrors transformers' `CLIPVisionModel` (patch embedding, class embedding,
-learned position embeddings, pre-layernorm, pre-norm encoder layers with quick-GELU MLPs, the
-post-layernorm of the class token) and CLIP's visual projection, with every convolution and
-linear layer a B-cos layer, layer norms whose std detaches, activations whose gate detaches, and
-the 6-channel input [r, g, b, 1-r, 1-g, 1-b] encoded inside the model. The text tower and its
-projection are transformers' own `CLIPTextModel` and a linear layer, built from the CLIP config
-so that a checkpoint is self-contained, and never trained.
+The image tower is transformers' own `CLIPVisionModel` and CLIP's visual projection, as in `CLIPModel`,
+reading the 6-channel input [r, g, b, 1-r, 1-g, 1-b] encoded inside the model and B-cosified by
+the module-type rules of `rules.py`, as every image classifier is: convolutions and linear
+layers are B-cos layers, layer norms detach their std, activations their gate and attention its
+probabilities in explanation mode, and the class and position embeddings are made linear in the
+input. CLIP's own forward code runs, and the tower's weights keep `CLIPModel`'s keys. The text
+tower and its projection are transformers' own `CLIPTextModel` and a linear layer, built from
+the CLIP config so that a checkpoint is self-contained, and never trained.
 
 Explanations target the cosine similarity between an image embedding and a text embedding: with
 the image embedding's norm detached, the cosine is a dynamic linear function of the image, and
@@ -16,22 +17,25 @@ This file travels with saved checkpoints (``trust_remote_code``): it imports tor
 transformers and the standard library only.
 """
 
+import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPOutput
+from transformers.models.clip.modeling_clip import CLIPOutput, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput, logging
 
 from .configuration_bcos_clip import BcosCLIPConfig
 from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets, rgba_explanation
-from .layers import BcosConv2d, BcosLayerNorm, BcosLinear, BcosMlp, BcosSelfAttention, encode_pixel_values, explanation_constant, patch_unit_means
-from .modeling_bcos import BcosPreTrainedModel, check_pixel_values
+from .layers import encode_pixel_values, explanation_constant
+from .modeling_bcos import BcosPreTrainedModel, CheckpointWeightsError, check_pixel_values
+from .rules import bcosify_modules, find_pixel_reader, prepare_reader
 
 try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
     from transformers import initialization as init
@@ -42,10 +46,6 @@ logger = logging.get_logger(__name__)
 
 # The prompt of OpenAI's zero-shot evaluation when a single template is used.
 DEFAULT_PROMPT_TEMPLATES = ("a photo of a {}.",)
-
-
-def _bcos_kwargs(config: BcosCLIPConfig) -> dict:
-    return {"b": config.b, "normalize_weights": config.normalize_weights}
 
 
 def _check_cosine_power(cosine_power) -> float:
@@ -65,90 +65,6 @@ def powered_cosine(cosine: torch.Tensor, cosine_power: float) -> torch.Tensor:
     if cosine_power == 1:
         return cosine
     return cosine * explanation_constant(lambda c: c.abs().pow(cosine_power - 1), cosine)
-
-
-# ----------------------------------------------------------------------------------------------
-# The B-cos image tower
-# ----------------------------------------------------------------------------------------------
-
-
-class BcosCLIPVisionEmbeddings(nn.Module):
-    """Patch embedding, class embedding and learned position embeddings, as in CLIP.
-
-    The class embedding and the position embeddings are constants, which would break
-    completeness. Each is multiplied by `patch_unit_means` over the pixels it belongs to (the
-    whole image for the class token, the patch for a patch's position embedding), as in
-    `BcosViTEmbeddings`.
-    """
-
-    def __init__(self, config: BcosCLIPConfig):
-        super().__init__()
-        vision = config.vision_config
-        hidden_size = vision.hidden_size
-        self.patch_size = vision.patch_size
-        height, width = config.image_size
-        num_positions = (height // self.patch_size) * (width // self.patch_size) + 1
-
-        # Registration order mirrors CLIPVisionEmbeddings: the converter pairs units by order.
-        self.class_embedding = nn.Parameter(torch.zeros(hidden_size))
-        # CLIP's patch embedding has no bias; the folded input normalisation needs none either.
-        self.patch_embedding = BcosConv2d(
-            6, hidden_size, self.patch_size, stride=self.patch_size, bias=False, encoded_image_input=True, **_bcos_kwargs(config)
-        )
-        self.position_embedding = nn.Parameter(torch.zeros(num_positions, hidden_size))
-
-    def forward(self, encoded_pixel_values: torch.Tensor) -> torch.Tensor:
-        batch_size = encoded_pixel_values.shape[0]
-        patches = self.patch_embedding(encoded_pixel_values).flatten(2).transpose(1, 2)
-        per_patch, per_image = patch_unit_means(encoded_pixel_values, self.patch_size)
-
-        class_token = (self.class_embedding + self.position_embedding[0]) * per_image.view(batch_size, 1, 1)
-        patches = patches + self.position_embedding[1:] * per_patch.unsqueeze(-1)
-        return torch.cat([class_token, patches], dim=1)
-
-
-class BcosCLIPEncoderLayer(nn.Module):
-    """A pre-norm transformer layer (CLIPEncoderLayer's layout)."""
-
-    def __init__(self, config: BcosCLIPConfig):
-        super().__init__()
-        vision = config.vision_config
-        # CLIPAttention registers k, v, q: the converter pairs layers in module order.
-        self.self_attn = BcosSelfAttention(
-            vision.hidden_size,
-            vision.num_attention_heads,
-            dropout=vision.attention_dropout,
-            qkv_bias=config.use_bias,
-            out_bias=config.use_bias,
-            projection_order="kvq",
-            **_bcos_kwargs(config),
-        )
-        self.layer_norm1 = BcosLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps, bias=config.use_bias)
-        self.mlp = BcosMlp(vision.hidden_size, vision.intermediate_size, vision.hidden_act, config.use_bias, **_bcos_kwargs(config))
-        self.layer_norm2 = BcosLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps, bias=config.use_bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
-
-
-class BcosCLIPVisionTransformer(nn.Module):
-    """(N, 6, H, W) -> (all token states, post-layernormed class token), as CLIPVisionModel."""
-
-    def __init__(self, config: BcosCLIPConfig):
-        super().__init__()
-        vision = config.vision_config
-        self.embeddings = BcosCLIPVisionEmbeddings(config)
-        self.pre_layernorm = BcosLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps, bias=config.use_bias)
-        self.layers = nn.ModuleList([BcosCLIPEncoderLayer(config) for _ in range(vision.num_hidden_layers)])
-        self.post_layernorm = BcosLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps, bias=config.use_bias)
-
-    def forward(self, encoded_pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
-        hidden_states = self.pre_layernorm(self.embeddings(encoded_pixel_values))
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-        class_token = self.post_layernorm(hidden_states[:, 0])
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=class_token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +131,26 @@ class BcosCLIPZeroShotOutput(BcosExplanationOutput):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_image_tower_layout(location) -> None:
+    """A CheckpointWeightsError for a local checkpoint of the hand-written image tower that
+    transformers-bcos had before its image towers were transformers' own (its keys differ); it
+    loads with the code saved beside it."""
+    if location is None or not os.path.isdir(os.fspath(location)):
+        return
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(location)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(location, name), framework="pt") as weights:
+                if any(key.startswith("vision_model.layers.") for key in weights.keys()):
+                    raise CheckpointWeightsError(
+                        f"{location} holds a B-cos CLIP saved with the hand-written image tower of an earlier "
+                        "transformers-bcos (keys vision_model.layers.*): load it with "
+                        "AutoModel.from_pretrained(folder, trust_remote_code=True), which runs the code saved with it, "
+                        "or B-cosify the source CLIP again with bcosify_clip."
+                    )
+
+
 class BcosCLIPModel(BcosPreTrainedModel):
     """CLIP with a B-cos image tower: ``image embedding = W(x)·x``, explained by `explain()`.
 
@@ -231,16 +167,26 @@ class BcosCLIPModel(BcosPreTrainedModel):
     base_model_prefix = "bcos_clip"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
-    _no_split_modules = ["BcosCLIPEncoderLayer", "CLIPEncoderLayer", "CLIPTextEmbeddings"]
+    _no_split_modules = ["CLIPEncoderLayer", "CLIPTextEmbeddings"]
 
     def __init__(self, config: BcosCLIPConfig):
         super().__init__(config)
-        # Registration order: the image tower first, as the converter pairs its units by order.
-        self.vision_model = BcosCLIPVisionTransformer(config)
-        # CLIP's visual projection has no bias.
-        self.visual_projection = BcosLinear(
-            config.vision_config.hidden_size, config.projection_dim, bias=False, **_bcos_kwargs(config)
-        )
+        # transformers' image tower, reading the encoded pixels, B-cosified by the module-type rules.
+        # Modules no rule covers would be listed here; CLIP's tower has none (tested).
+        vision_config = copy.deepcopy(config.vision_config)
+        vision_config.num_channels = 2 * vision_config.num_channels
+        image_tower = nn.ModuleDict({
+            "vision_model": CLIPVisionModel._from_config(vision_config),
+            # CLIP's visual projection has no bias.
+            "visual_projection": nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False),
+        })  # fmt: skip
+        self.unconverted = bcosify_modules(image_tower, config.b, config.use_bias)
+        for module in image_tower.modules():
+            if hasattr(module, "normalize_weights"):
+                module.normalize_weights = config.normalize_weights
+        prepare_reader(image_tower, find_pixel_reader(image_tower, vision_config.num_channels, encoded=True))
+        self.vision_model = image_tower["vision_model"]
+        self.visual_projection = image_tower["visual_projection"]
         self.text_model = CLIPTextModel._from_config(config.text_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.clip_config.logit_scale_init_value)))
@@ -254,8 +200,9 @@ class BcosCLIPModel(BcosPreTrainedModel):
             parameter.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_image_tower_layout(pretrained_model_name_or_path)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading replaces every parameter by a new one that requires grad: freeze the text side again.
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_text_tower()
         return loaded
@@ -263,9 +210,9 @@ class BcosCLIPModel(BcosPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, BcosCLIPVisionEmbeddings):
+        if isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, std=module.class_embedding.shape[0] ** -0.5)
-            init.normal_(module.position_embedding, std=self.config.vision_config.initializer_range)
+            init.normal_(module.position_embedding.weight, std=self.config.vision_config.initializer_range)
         elif isinstance(module, BcosCLIPModel):
             init.constant_(module.logit_scale, self.config.clip_config.logit_scale_init_value)
 
@@ -354,7 +301,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
     def get_image_features(self, pixel_values=None, encoded_pixel_values=None) -> BaseModelOutputWithPooling:
         """Image embeddings (N, D) as ``pooler_output`` (not normalised), as CLIPModel's."""
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
-        outputs = self.vision_model(x)
+        outputs = self.vision_model(pixel_values=x, return_dict=True)
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
         return outputs
 
@@ -462,7 +409,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
             A `BcosCLIPExplanationOutput` whose ``contributions`` (N, T, H, W) sum exactly to
             ``explained_output`` (N, T) = cos·|cos|^(p-1), computed with 1/||image embedding||
             detached (the model has no additive terms; the class and position embeddings are
-            attributed uniformly to their pixels, see `BcosCLIPVisionEmbeddings`). One backward pass
+            attributed uniformly to their pixels, see `rules.LinearizedConstants`). One backward pass
             per text. The model's train/eval mode is restored; no gradient is left on it.
         """
         x = self.encode_inputs(pixel_values, encoded_pixel_values)

@@ -424,7 +424,8 @@ def bcosify_pretrained(
             raise ValueError("logit_bias applies to image classifiers; a B-cos CLIP model has no logit bias.")
         tokenizer = from_pretrained_kwargs.pop("tokenizer", None)
         return bcosify_clip(
-            src, b=b, keep_bias=keep_bias, image_processor=image_processor, tokenizer=tokenizer, **from_pretrained_kwargs
+            src, b=b, keep_bias=keep_bias, image_processor=image_processor, tokenizer=tokenizer, check=check,
+            **from_pretrained_kwargs,
         )
     plain_module = isinstance(src, nn.Module) and not isinstance(src, PreTrainedModel)
     if not plain_module and (image_mean, image_std, image_size) != (None, None, None):

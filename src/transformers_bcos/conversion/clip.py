@@ -1,15 +1,15 @@
 """B-cosify a pretrained CLIP model, and distil its B-cos image tower on images alone.
 
-`bcosify_clip` builds a `BcosCLIPModel`: the image tower is converted unit by unit with the same
-machinery as the image classifiers (`pair_units`, `CONVERTER_RULES`, the normalisation folded
-into the patch embedding), the text tower, its projection and the logit scale are copied
-unchanged. The B-cos image tower then learns to match the original one by distillation
+`bcosify_clip` builds a `BcosCLIPModel`, whose image tower is CLIP's own B-cosified by the
+module-type rules, as every image classifier is: the source's image-side tensors are installed
+under their own keys (`copy_tensors_by_key`, the normalisation folded into the patch embedding);
+the text tower, its projection and the logit scale are copied unchanged. The B-cos image tower then learns to match the original one by distillation
 (`siglip_distillation_loss`): no captions or labels are needed.
 """
 
 import copy
 import os
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,9 @@ from transformers.utils import ModelOutput, logging
 from .._compat import AutoImageProcessor
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES, BcosCLIPConfig
 from ..modeling_bcos_clip import BcosCLIPModel
-from . import _processor_settings, check_all_written, check_conversion_arguments, copy_units
+from ..rules import find_pixel_reader
+from . import _processor_settings, check_all_written, check_conversion_arguments, copy_tensors_by_key
+from .exactness import nonlinear_modules, raise_if_inexact, relative_error
 
 try:
     from transformers.initialization import no_init_weights
@@ -88,6 +90,7 @@ def bcosify_clip(
     *,
     image_processor=None,
     tokenizer=None,
+    check: bool = True,
     **from_pretrained_kwargs,
 ) -> BcosCLIPModel:
     """B-cosify the image tower of a pretrained CLIP model; keep its text tower unchanged.
@@ -102,6 +105,9 @@ def bcosify_clip(
             the same without normalisation (pixels in [0, 1]).
         tokenizer: the source's tokenizer, if it cannot be loaded from ``src``. It is attached as
             ``model.tokenizer`` and saved by ``save_pretrained``.
+        check: run `check_clip_exactness` before returning (one float64 pass on a random image and
+            two random texts): an `ExactnessError` names the modules that break completeness (or,
+            for b = 1 with biases, says that the image embeddings differ from the source's).
         from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ...).
 
     Returns:
@@ -120,14 +126,12 @@ def bcosify_clip(
         model = BcosCLIPModel(config)
     model.to(next(source.parameters()).dtype)
 
-    # The image tower: B-cos units paired with the source's by kind and order, shapes checked.
+    # The image tower: every tensor under its own key, shapes checked before anything is written.
+    source_tower = nn.ModuleDict({"vision_model": source.vision_model, "visual_projection": source.visual_projection})
+    bcos_tower = nn.ModuleDict({"vision_model": model.vision_model, "visual_projection": model.visual_projection})
+    reader = find_pixel_reader(bcos_tower, 2 * config.vision_config.num_channels, encoded=True)
     try:
-        written = copy_units(
-            nn.ModuleList([source.vision_model, source.visual_projection]),
-            nn.ModuleList([model.vision_model, model.visual_projection]),
-            mean,
-            std,
-        )
+        written = copy_tensors_by_key(source_tower, bcos_tower, reader, mean, std)
     except ValueError as error:
         raise ValueError(f"Cannot convert the image tower of this {type(source).__name__}: {error}") from error
     with torch.no_grad():
@@ -137,8 +141,37 @@ def bcosify_clip(
         model.logit_scale.copy_(source.logit_scale)
         written.add(id(model.logit_scale))
     check_all_written(model, written)
+    model.eval()
+    if check:
+        check_clip_exactness(model, source if (b == 1 and keep_bias) else None, mean, std)
     model.tokenizer = tokenizer
-    return model.eval()
+    return model
+
+
+def check_clip_exactness(model: BcosCLIPModel, source: Optional[CLIPModel] = None, mean=None, std=None) -> dict:
+    """`check_exactness` for B-cos CLIP: in float64, on a random image and two random texts, the
+    contributions to each cosine must sum to it (for a model without biases) and, with ``source``,
+    the image embeddings must be the source's on the image normalised by mean/std. Raises an
+    `ExactnessError`; returns the measured relative errors."""
+    check_model = copy.deepcopy(model).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, *model.config.image_size, dtype=torch.float64, generator=generator)
+    errors = {}
+    if not model.config.use_bias:
+        input_ids = torch.randint(0, model.config.text_config.vocab_size, (2, 6), generator=generator)
+        explanation = check_model.explain(x, input_ids=input_ids)
+        sums = explanation.contributions.sum((-2, -1))
+        scale = torch.maximum(explanation.explained_output.abs(), explanation.contributions.abs().sum((-2, -1)))
+        errors["completeness"] = relative_error(sums, explanation.explained_output, scale)
+    if source is not None:
+        reference = copy.deepcopy(source).double().eval()
+        normalised = (x - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        with torch.no_grad():
+            expected = reference.get_image_features(pixel_values=normalised).pooler_output
+            got = check_model.get_image_features(pixel_values=x).pooler_output
+        errors["equivalence"] = relative_error(got, expected, expected)
+    raise_if_inexact(errors, lambda: nonlinear_modules(check_model, check_model.encode_inputs(x), check_model.get_image_features))
+    return errors
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,9 +70,15 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         with torch.no_grad():
             expected = logits_of(reference((x - mean_t) / std_t, **options))
         errors["equivalence"] = relative_error(logits.detach(), expected, expected)
+    raise_if_inexact(errors, lambda: nonlinear_modules(check_model, check_model.encode_inputs(x)))
+    return errors
+
+
+def raise_if_inexact(errors: dict, find_culprits) -> None:
+    """Raise an `ExactnessError` if the measured ``errors`` ("completeness", "equivalence") exceed
+    their tolerances; ``find_culprits()`` names the modules to blame for incompleteness."""
     if not errors.get("completeness", 0.0) <= COMPLETENESS_TOLERANCE:
-        culprits = nonlinear_modules(check_model, check_model.encode_inputs(x))
-        named = "; ".join(f"{name} ({kind}, relative error {error:.1e})" for name, kind, error in culprits) or "none found"
+        named = "; ".join(f"{name} ({kind}, relative error {error:.1e})" for name, kind, error in find_culprits()) or "none found"
         raise ExactnessError(
             f"The converted model's explanations are not complete: relative error {errors['completeness']:.1e} (float64, "
             f"tolerance {COMPLETENESS_TOLERANCE:g}). Modules that are not linear in explanation mode: {named}. A non-linearity "
@@ -80,10 +86,9 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         )
     if not errors.get("equivalence", 0.0) <= EQUIVALENCE_TOLERANCE:
         raise ExactnessError(
-            f"The converted model (b=1, keep_bias=True) does not reproduce the source: relative error of the logits "
+            f"The converted model (b=1, keep_bias=True) does not reproduce the source: relative error of the outputs "
             f"{errors['equivalence']:.1e} (float64, tolerance {EQUIVALENCE_TOLERANCE:g})."
         )
-    return errors
 
 
 def _probed_forward(model, x: torch.Tensor):
@@ -158,9 +163,10 @@ def _is_input(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 1
 
 
-def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
+def nonlinear_modules(model: nn.Module, encoded: torch.Tensor, forward=None) -> list:
     """[(qualified name, type name, relative error)] of the innermost modules of ``model`` that
-    are not linear in their tensor inputs in explanation mode (Euler's identity, float64)."""
+    are not linear in their tensor inputs in explanation mode (Euler's identity, float64), run
+    by ``forward(encoded_pixel_values=encoded)`` (default: the model's forward)."""
     calls = {}
 
     def record(module, args, kwargs):
@@ -174,7 +180,7 @@ def nonlinear_modules(model: nn.Module, encoded: torch.Tensor) -> list:
     hooks = [module.register_forward_pre_hook(record, with_kwargs=True) for module in names]
     try:
         with torch.no_grad(), explanation_mode(model):
-            model(encoded_pixel_values=encoded)
+            (forward or model)(encoded_pixel_values=encoded)
     finally:
         for hook in hooks:
             hook.remove()
