@@ -439,7 +439,7 @@ def bench_memory(args) -> list:
 def bench_conversion(args) -> list:
     """Loading a checkpoint as it is against B-cosifying it, with and without the exactness check
     (one float64 pass, `transformers_bcos.conversion.exactness`): for a hand-written backbone
-    (ViT-B/16) and for a family B-cosified by the module-type rules (DINOv2-S/14)."""
+    (ViT-B/16), for a family B-cosified by the module-type rules (DINOv2-S/14) and for CLIP."""
     from transformers import AutoModelForImageClassification
 
     from transformers_bcos import bcosify_pretrained
@@ -458,17 +458,36 @@ def bench_conversion(args) -> list:
                 max(3, args.repeats // 2),
                 "cpu",
             )
-        rows.append(
+        rows.append(conversion_row(f"{label}, local folder", times))
+    # B-cos CLIP: the image tower converted by the rules, the text tower copied; the check explains
+    # the cosine with two texts in float64.
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        CLIPModel(CLIPConfig()).save_pretrained(folder)
+        CLIPImageProcessor().save_pretrained(folder)
+        times = interleaved(
             {
-                "checkpoint": f"{label}, local folder",
-                "from_pretrained_s": times["from_pretrained"],
-                "bcosify_pretrained_check_false_s": times["bcosify_unchecked"],
-                "ratio_check_false": times["bcosify_unchecked"] / times["from_pretrained"],
-                "bcosify_pretrained_s": times["bcosify_checked"],
-                "check_s": times["bcosify_checked"] - times["bcosify_unchecked"],
-            }
+                "from_pretrained": lambda: CLIPModel.from_pretrained(folder),
+                "bcosify_unchecked": lambda: bcosify_pretrained(folder, check=False),
+                "bcosify_checked": lambda: bcosify_pretrained(folder),
+            },
+            max(3, args.repeats // 2),
+            "cpu",
         )
+    rows.append(conversion_row("CLIP ViT-B/32 (151M parameters, image tower by the rules), local folder", times))
     return rows
+
+
+def conversion_row(checkpoint: str, times: dict) -> dict:
+    return {
+        "checkpoint": checkpoint,
+        "from_pretrained_s": times["from_pretrained"],
+        "bcosify_pretrained_check_false_s": times["bcosify_unchecked"],
+        "ratio_check_false": times["bcosify_unchecked"] / times["from_pretrained"],
+        "bcosify_pretrained_s": times["bcosify_checked"],
+        "check_s": times["bcosify_checked"] - times["bcosify_unchecked"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
