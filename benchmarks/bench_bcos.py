@@ -444,21 +444,23 @@ def bench_conversion(args) -> list:
 
     from transformers_bcos import bcosify_pretrained
 
+    def timed_conversion(folder: str, load) -> dict:
+        return interleaved(
+            {
+                "from_pretrained": lambda: load(folder),
+                "bcosify_unchecked": lambda: bcosify_pretrained(folder, check=False),
+                "bcosify_checked": lambda: bcosify_pretrained(folder),
+            },
+            max(3, args.repeats // 2),
+            "cpu",
+        )
+
     rows = []
     for name, label in (("vit_base", "ViT-B/16 (86M parameters)"), ("dinov2_small", "DINOv2-S/14 (22M parameters, rules)")):
         with tempfile.TemporaryDirectory() as folder:
             source_model(name, args.image_size).save_pretrained(folder)
             processor(args.image_size).save_pretrained(folder)
-            times = interleaved(
-                {
-                    "from_pretrained": lambda: AutoModelForImageClassification.from_pretrained(folder),
-                    "bcosify_unchecked": lambda: bcosify_pretrained(folder, check=False),
-                    "bcosify_checked": lambda: bcosify_pretrained(folder),
-                },
-                max(3, args.repeats // 2),
-                "cpu",
-            )
-        rows.append(conversion_row(f"{label}, local folder", times))
+            rows.append(conversion_row(f"{label}, local folder", timed_conversion(folder, AutoModelForImageClassification.from_pretrained)))
     # B-cos CLIP: the image tower converted by the rules, the text tower copied; the check explains
     # the cosine with two texts in float64.
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -466,16 +468,8 @@ def bench_conversion(args) -> list:
     with tempfile.TemporaryDirectory() as folder:
         CLIPModel(CLIPConfig()).save_pretrained(folder)
         CLIPImageProcessor().save_pretrained(folder)
-        times = interleaved(
-            {
-                "from_pretrained": lambda: CLIPModel.from_pretrained(folder),
-                "bcosify_unchecked": lambda: bcosify_pretrained(folder, check=False),
-                "bcosify_checked": lambda: bcosify_pretrained(folder),
-            },
-            max(3, args.repeats // 2),
-            "cpu",
-        )
-    rows.append(conversion_row("CLIP ViT-B/32 (151M parameters, image tower by the rules), local folder", times))
+        rows.append(conversion_row("CLIP ViT-B/32 (151M parameters, image tower by the rules), local folder",
+                                   timed_conversion(folder, CLIPModel.from_pretrained)))
     return rows
 
 

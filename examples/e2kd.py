@@ -23,7 +23,6 @@ RESULTS.md`` also puts the table into that file, between its e2kd markers.
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
@@ -31,7 +30,7 @@ from transformers import ResNetConfig
 
 from transformers_bcos import BcosForImageClassification
 from transformers_bcos.data import ImageClassificationDataset, ImageProcessorCollator, image_processor_from_dict, load_embedded_dataset
-from transformers_bcos.evaluation.reporting import mean_and_spread, write_marked_section
+from transformers_bcos.evaluation.reporting import mean_and_spread, run_description, write_experiment_results
 from transformers_bcos.training import FinetuneOptions, run_finetuning
 from transformers_bcos.training.distillation import Teacher, explanation_similarity
 
@@ -129,15 +128,9 @@ def main(argv=None) -> int:
     minutes = (time.perf_counter() - started) / 60
     text = (f"{table}\n\nMean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; the students see "
             f"the first {args.max_train_samples:,} of the teacher's training digits for {args.student_epochs} epochs; "
-            f"measured on the 1,000 test digits; {minutes:.1f} min on {os.cpu_count()} CPU cores "
-            f"({platform.machine()}), torch {torch.__version__}.")
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"arguments": vars(args), "teacher": teacher_metrics, "runs": runs, "minutes": minutes}, f, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    print(text)
-    if args.write_results:
-        write_marked_section(args.write_results, "e2kd", text)
+            f"measured on the 1,000 test digits; {run_description(minutes)}.")
+    write_experiment_results(args.output_dir, {"arguments": vars(args), "teacher": teacher_metrics, "runs": runs,
+                                               "minutes": minutes}, text, args.write_results, "e2kd")
     return 0
 
 

@@ -21,7 +21,6 @@ into that file, between its model-guidance markers.
 import argparse
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -39,7 +38,7 @@ from transformers_bcos.data import (
     load_embedded_dataset,
 )
 from transformers_bcos.evaluation.energy_pointing_game import energy_pointing_game_scores
-from transformers_bcos.evaluation.reporting import mean_and_spread, write_marked_section
+from transformers_bcos.evaluation.reporting import mean_and_spread, run_description, write_experiment_results
 from transformers_bcos.training import FinetuneOptions, run_finetuning
 from transformers_bcos.training.guidance import foreground_box
 from transformers_bcos.visualization import contribution_heatmap
@@ -205,16 +204,9 @@ def main(argv=None) -> int:
     table = results_table(runs, args)
     minutes = (time.perf_counter() - started) / 60
     text = (f"{table}\n\nMean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; "
-            f"{args.num_train_epochs} epochs each; cue strength {args.cue_strength:.0%}; "
-            f"{minutes:.1f} min on {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}.")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"arguments": vars(args), "runs": runs, "minutes": minutes}, f, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    print(text)
-    if args.write_results:
-        write_marked_section(args.write_results, "model-guidance", text)
+            f"{args.num_train_epochs} epochs each; cue strength {args.cue_strength:.0%}; {run_description(minutes)}.")
+    write_experiment_results(args.output_dir, {"arguments": vars(args), "runs": runs, "minutes": minutes}, text,
+                             args.write_results, "model-guidance")
     return 0
 
 

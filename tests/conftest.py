@@ -379,3 +379,13 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def launch_finetune(tmp_path, bcos_cache_dir: str, *args) -> dict:
+    """Run examples/finetune.py with ``args`` under `accelerate launch` with two CPU processes,
+    offline; returns the run's all_results.json (the output folder is ``tmp_path / "launched"``)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), "TRANSFORMERS_BCOS_CACHE": bcos_cache_dir}
+    output_dir = tmp_path / "launched"
+    run(launch_command(os.path.join(REPO, "examples", "finetune.py"), *args, "--output_dir", str(output_dir)), env)
+    return json.loads((output_dir / "all_results.json").read_text())

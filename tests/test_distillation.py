@@ -4,7 +4,6 @@ explanations more like its teacher's on real MNIST digits, and fine-tuning runs 
 (in process, in bf16, under `accelerate launch`, and the experiment)."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
-from conftest import launch_command, load_example_script, run
+from conftest import launch_finetune, load_example_script
 from transformers_bcos import bcosify_pretrained
 from transformers_bcos._compat import ViTImageProcessor
 from transformers_bcos.modeling_bcos import BcosForImageClassification
@@ -249,13 +248,8 @@ def test_bad_teachers_fail_with_one_line_before_training(finetune_script, tiny_s
 @pytest.mark.slow
 def test_e2kd_finetuning_under_accelerate_launch_with_two_processes(tmp_path, tiny_standard_resnet, bcos_teacher_folder,
                                                                     bcos_cache_dir):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf_home"), "TRANSFORMERS_BCOS_CACHE": bcos_cache_dir}
-    output_dir = tmp_path / "launched"
-    run(launch_command(os.path.join(os.path.dirname(__file__), "..", "examples", "finetune.py"),
-                       "--model", tiny_standard_resnet, "--output_dir", str(output_dir), "--teacher", bcos_teacher_folder,
-                       *FINETUNE_FLAGS), env)
-    results = json.loads((output_dir / "all_results.json").read_text())
+    results = launch_finetune(tmp_path, bcos_cache_dir, "--model", tiny_standard_resnet, "--teacher", bcos_teacher_folder,
+                              *FINETUNE_FLAGS)
     assert results["num_processes"] == 2 and results["eval_examples"] == 32
     assert 0 <= results["eval_teacher_agreement"] <= 1 and -1 <= results["eval_explanation_similarity"] <= 1
 

@@ -4,7 +4,6 @@ the guidance options (in process, under `accelerate launch`, and the spurious-cu
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from datasets import Dataset, DatasetDict, Image, load_from_disk
 from PIL import Image as PILImage
 
-from conftest import launch_command, load_example_script, run
+from conftest import launch_finetune, load_example_script
 from transformers_bcos import bcosify_pretrained
 from transformers_bcos._compat import ViTImageProcessor
 from transformers_bcos.data import (
@@ -291,13 +290,8 @@ def test_a_data_set_without_any_box_is_refused_for_guidance(finetune_script, tin
 @pytest.mark.slow
 def test_guided_finetuning_under_accelerate_launch_with_two_processes(tmp_path, tiny_standard_resnet, cue_data,
                                                                       bcos_cache_dir):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf_home"), "TRANSFORMERS_BCOS_CACHE": bcos_cache_dir}
-    output_dir = tmp_path / "launched"
-    run(launch_command(os.path.join(os.path.dirname(__file__), "..", "examples", "finetune.py"),
-                       "--model", tiny_standard_resnet, "--dataset", cue_data, "--output_dir", str(output_dir),
-                       "--guidance_loss", "energy", "--guidance_fraction", "0.5", *FINETUNE_FLAGS), env)
-    results = json.loads((output_dir / "all_results.json").read_text())
+    results = launch_finetune(tmp_path, bcos_cache_dir, "--model", tiny_standard_resnet, "--dataset", cue_data,
+                              "--guidance_loss", "energy", "--guidance_fraction", "0.5", *FINETUNE_FLAGS)
     assert results["num_processes"] == 2 and results["guidance_annotated_images"] == 100
     assert results["eval_examples"] == 50 and 0 < results["eval_energy_pointing_game"] <= 1
 

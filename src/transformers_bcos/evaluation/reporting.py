@@ -1,7 +1,10 @@
 """Reporting experiments: seed statistics and the marked sections of RESULTS.md that each
 experiment script (``examples/model_guidance.py``, ``examples/e2kd.py``) rewrites."""
 
+import json
+import os
 import statistics
+from typing import Optional
 
 
 def mean_and_spread(values: list, percent: bool = False) -> str:
@@ -24,3 +27,25 @@ def write_marked_section(path: str, name: str, text: str) -> None:
     after = rest.split(end, 1)[1]
     with open(path, "w", encoding="utf-8") as f:
         f.write(before + begin + "\n" + text + "\n" + end + after)
+
+
+def run_description(minutes: float) -> str:
+    """"12.3 min on 2 CPU cores (x86_64), torch 2.13.0": where an experiment ran, for its table."""
+    import platform
+
+    import torch
+
+    return f"{minutes:.1f} min on {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
+
+
+def write_experiment_results(output_dir: str, record: dict, text: str, results_path: Optional[str], section: str) -> None:
+    """Write an experiment's ``record`` (results.json) and its table ``text`` (results.md) to
+    ``output_dir``, print the text, and put it into ``results_path``'s ``section`` if given."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
+    if results_path:
+        write_marked_section(results_path, section, text)
