@@ -194,6 +194,29 @@ def test_finetuning_with_a_bcos_teacher_reports_agreement_and_refuses_to_resume_
     assert f"--teacher {bcos_teacher_folder!r} -> {tiny_standard_resnet!r}" in capsys.readouterr().err
 
 
+def test_an_e2kd_run_resumed_mid_run_ends_with_the_weights_of_the_uninterrupted_run(
+    finetune_script, bcos_teacher_folder, tiny_standard_resnet, tmp_path
+):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--model", tiny_standard_resnet, "--teacher", bcos_teacher_folder, *FINETUNE_FLAGS, "--num_train_epochs", "2",
+            "--checkpointing_steps", "2", "--keep_last_checkpoints", "10"]  # 64 images in batches of 16: 8 steps
+    assert finetune_script.main([*args, "--output_dir", str(straight)]) == 0
+    shutil.copytree(straight, resumed)
+    for name in ("model.safetensors", "all_results.json"):
+        (resumed / name).unlink()
+    assert finetune_script.main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint",
+                                 str(resumed / "checkpoints" / "step_00000002")]) == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    at_step_2 = load_file(straight / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert a.keys() == b.keys() and max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-5
+    results = [json.loads((d / "all_results.json").read_text()) for d in (straight, resumed)]
+    assert results[0]["eval_teacher_agreement"] == pytest.approx(results[1]["eval_teacher_agreement"])
+    # The resumed steps changed the weights: the match is not vacuous.
+    assert max((b[k].double() - at_step_2[k].double()).abs().max().item() for k in b) > 1e-4
+
+
 def test_bf16_finetuning_with_a_standard_teacher_explained_post_hoc(
     finetune_script, tiny_standard_resnet, tmp_path, capsys, fresh_accelerator_state
 ):
