@@ -226,3 +226,27 @@ def test_a_real_mnist_cnn_keeps_its_accuracy_at_b1(tmp_path):
     assert results["b1_predictions_differing"] == 0 and accuracy["bcos_b1_with_biases"] == accuracy["cnn"]
     assert accuracy["bcos_b2_reloaded"] == accuracy["bcos_b2_before_finetuning"]
     assert results["b2_completeness_gap_float32"] < 1e-4
+
+
+def test_relu_and_max_pooling_fast_paths_give_the_gated_and_native_explanation(monkeypatch):
+    """A ReLU wrapped by the rules runs as it is in explanation mode (its gradient is its gate), and
+    a plain max pooling becomes `SeparableMaxPool2d`: the explanation of the gate computed as
+    relu(x)/x, like every other activation's, with the native pooling kernel."""
+    from transformers_bcos.layers import SeparableMaxPool2d, explanation_constant
+    from transformers_bcos.rules import GatedActivation
+
+    model = convert(small_cnn(3)).double()
+    assert any(isinstance(m, SeparableMaxPool2d) for m in model.modules())
+    assert not any(type(m) is nn.MaxPool2d for m in model.modules())
+    assert any(isinstance(m, GatedActivation) and type(m.activation) is nn.ReLU for m in model.modules())
+    x = images(3, dtype=torch.float64)
+    fast = model.explain(x, target=1)
+
+    def gated(self, t):
+        return explanation_constant(self._gate, t) * t if self.explanation_mode else self.activation(t)
+
+    monkeypatch.setattr(GatedActivation, "forward", gated)
+    monkeypatch.setattr(SeparableMaxPool2d, "_separable", lambda self, t: False)
+    reference = model.explain(x, target=1)
+    torch.testing.assert_close(fast.dynamic_linear_weights, reference.dynamic_linear_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.logits, reference.logits, rtol=0, atol=0)

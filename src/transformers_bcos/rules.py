@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2CLS
 
-from .layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, ExplainableModule, differentiable_explanation, explanation_constant
+from .layers import (
+    BcosBatchNorm2d,
+    BcosConv2d,
+    BcosLayerNorm,
+    BcosLinear,
+    ExplainableModule,
+    SeparableMaxPool2d,
+    differentiable_explanation,
+    explanation_constant,
+)
 
 try:
     from transformers import AttentionInterface
@@ -78,6 +87,12 @@ class GatedActivation(ExplainableModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explanation_mode:
             return self.activation(x)
+        if type(self.activation) is nn.ReLU:
+            # Piecewise linear: its own gradient already is its (constant) gate [x > 0]. Not in
+            # place, as the gate product was not. The gate as relu(x) / x (a copy, a comparison, a
+            # division and a selection per activation) took about 180 ms of ResNet-50's 2.9 s
+            # explain() (BENCHMARKS.md).
+            return torch.relu(x)
         return explanation_constant(self._gate, x) * x
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,12 +348,22 @@ def _convert_layernorm(module: nn.LayerNorm, b: float, keep_bias: bool) -> Optio
     return None
 
 
+def _convert_maxpool(module: nn.MaxPool2d, b: float, keep_bias: bool) -> Optional[str]:
+    """Max pooling is piecewise linear (it selects) and needs no B-cos counterpart; plain
+    ``nn.MaxPool2d`` takes the faster kernel of `SeparableMaxPool2d` (the same values, indices and
+    gradients). Any other pooling stays as it is."""
+    if type(module) is nn.MaxPool2d:
+        _swap_class(module, SeparableMaxPool2d)
+    return None
+
+
 # (module type, rule) in the order they are tried; a rule returns None, or why it cannot apply.
 IN_PLACE_RULES = (
     (nn.Conv2d, _convert_conv),
     (nn.Linear, _convert_linear),
     (nn.BatchNorm2d, _convert_batchnorm),
     (nn.LayerNorm, _convert_layernorm),
+    (nn.MaxPool2d, _convert_maxpool),
 )
 
 
