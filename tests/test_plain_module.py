@@ -250,3 +250,63 @@ def test_relu_and_max_pooling_fast_paths_give_the_gated_and_native_explanation(m
     reference = model.explain(x, target=1)
     torch.testing.assert_close(fast.dynamic_linear_weights, reference.dynamic_linear_weights, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fast.logits, reference.logits, rtol=0, atol=0)
+
+
+class FixedSizeCNN(nn.Module):
+    """A CNN that asserts its input size, as timm's patch embedding does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.linear = nn.Linear(4 * (SIZE // 4) ** 2, 5)
+
+    def forward(self, x):
+        assert x.shape[-2:] == (SIZE, SIZE), f"Input size {tuple(x.shape[-2:])} doesn't match the model ({SIZE})."
+        return self.linear(self.conv(x).flatten(1))
+
+
+def test_the_exactness_check_retries_at_the_models_own_size_when_the_model_asserts_it():
+    model = bcosify_pretrained(FixedSizeCNN().eval(), image_size=SIZE, **SETTINGS[3])
+    explanation = model.explain(images(3))
+    assert completeness_error(explanation.contributions, explanation.explained_output) < 1e-5
+
+
+class InPlaceActivationsCNN(nn.Module):
+    """VGG's pattern: in-place ReLUs and an in-place squeeze-excitation gate right after
+    convolutions and linear layers, whose B-cos versions save their outputs for the backward."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=inplace)
+        self.gate_conv = nn.Conv2d(8, 8, 1)
+        self.gate = nn.Hardsigmoid(inplace=inplace)
+        self.linear = nn.Linear(8 * SIZE * SIZE, 16)
+        self.act2 = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        x = x * self.gate(self.gate_conv(x))
+        return self.head(self.act2(self.linear(x.flatten(1))))
+
+
+def test_in_place_activations_after_bcos_layers_train_and_explain_as_out_of_place_ones():
+    torch.manual_seed(0)
+    in_place = InPlaceActivationsCNN(inplace=True).eval()
+    out_of_place = InPlaceActivationsCNN(inplace=False).eval()
+    out_of_place.load_state_dict(in_place.state_dict())
+    models = [bcosify_pretrained(m, image_size=SIZE, **SETTINGS[3]) for m in (in_place, out_of_place)]
+    assert in_place.act.inplace and in_place.gate.inplace  # the caller's model is unchanged
+    x = images(3)
+    gradients = []
+    for model in models:
+        model.train()
+        loss = model(pixel_values=x, labels=torch.tensor([0, 1, 2])).loss
+        loss.backward()  # failed for the in-place model: its ReLU overwrote the B-cos layer's saved output
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name])
+    explanations = [model.eval().explain(x, target=1) for model in models]
+    torch.testing.assert_close(explanations[0].contributions, explanations[1].contributions)

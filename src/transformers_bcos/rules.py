@@ -71,18 +71,28 @@ UNSUPPORTED_MODULES = (
 # ----------------------------------------------------------------------------------------------
 
 
+def out_of_place(module: nn.Module) -> nn.Module:
+    """``module`` made to return a new tensor: a B-cos convolution or linear layer saves its output
+    for its backward pass, which an in-place activation or gate right after it (VGG's
+    ``nn.ReLU(inplace=True)``, the squeeze-excitation activations of EfficientNet) would overwrite.
+    The values are the same."""
+    if getattr(module, "inplace", False):
+        module.inplace = False
+    return module
+
+
 class GatedActivation(ExplainableModule):
     """An element-wise activation f written as f(x) = (f(x) / x) · x, whose gate f(x) / x is a
     constant in explanation mode.
 
     It wraps the source's own activation module, so every activation (ReLU, ReLU6, GELU and its
-    approximations, SiLU, quick GELU, ...) is covered by this one rule. The gate is computed on a
-    copy: an in-place activation (``nn.ReLU(inplace=True)``) would otherwise overwrite x.
+    approximations, SiLU, quick GELU, ...) is covered by this one rule. The activation runs out of
+    place (`out_of_place`).
     """
 
     def __init__(self, activation: nn.Module):
         super().__init__()
-        self.activation = activation
+        self.activation = out_of_place(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explanation_mode:
@@ -100,7 +110,7 @@ class GatedActivation(ExplainableModule):
         # explanation also divides by 1 there: the unselected 0/0 would make the gradient NaN.
         zero = x == 0
         denominator = x.masked_fill(zero, 1.0) if differentiable_explanation() else x
-        return torch.where(zero, torch.zeros_like(x), self.activation(x.clone()) / denominator)
+        return torch.where(zero, torch.zeros_like(x), self.activation(x) / denominator)
 
 
 class DetachedGate(ExplainableModule):
@@ -109,7 +119,7 @@ class DetachedGate(ExplainableModule):
 
     def __init__(self, gate: nn.Module):
         super().__init__()
-        self.gate = gate
+        self.gate = out_of_place(gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explanation_mode:

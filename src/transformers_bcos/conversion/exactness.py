@@ -128,7 +128,8 @@ def _checked_copy(model: nn.Module) -> tuple:
         x = torch.rand(1, model.config.num_channels, *size, dtype=torch.float64, generator=generator)
         try:
             return (check_model, x, *_probed_forward(check_model, x))
-        except (ValueError, RuntimeError):  # a fixed-size model (ViT, BEiT, SigLIP) refuses other sizes
+        # A fixed-size model (ViT, BEiT, SigLIP) refuses other sizes; timm's patch embedding asserts it.
+        except (ValueError, RuntimeError, AssertionError):
             if attempt == len(sizes) - 1:
                 raise
 
