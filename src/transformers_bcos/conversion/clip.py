@@ -3,8 +3,9 @@
 `bcosify_clip` builds a `BcosCLIPModel`, whose image tower is CLIP's own B-cosified by the
 module-type rules, as every image classifier is: the source's image-side tensors are installed
 under their own keys (`copy_tensors_by_key`, the normalisation folded into the patch embedding);
-the text tower, its projection and the logit scale are copied unchanged. The B-cos image tower then learns to match the original one by distillation
-(`siglip_distillation_loss`): no captions or labels are needed.
+the text tower, its projection and the logit scale are copied unchanged. The B-cos image tower
+then learns to match the original one by distillation (`siglip_distillation_loss`): no captions
+or labels are needed.
 """
 
 import copy
@@ -22,7 +23,7 @@ from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES, BcosCLIPConfig
 from ..modeling_bcos_clip import BcosCLIPModel
 from ..rules import find_pixel_reader
 from . import _processor_settings, check_all_written, check_conversion_arguments, copy_tensors_by_key
-from .exactness import nonlinear_modules, raise_if_inexact, relative_error
+from .exactness import nonlinear_modules, normalised, raise_if_inexact, relative_error
 
 try:
     from transformers.initialization import no_init_weights
@@ -165,9 +166,8 @@ def check_clip_exactness(model: BcosCLIPModel, source: Optional[CLIPModel] = Non
         errors["completeness"] = relative_error(sums, explanation.explained_output, scale)
     if source is not None:
         reference = copy.deepcopy(source).double().eval()
-        normalised = (x - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         with torch.no_grad():
-            expected = reference.get_image_features(pixel_values=normalised).pooler_output
+            expected = reference.get_image_features(pixel_values=normalised(x, mean, std)).pooler_output
             got = check_model.get_image_features(pixel_values=x).pooler_output
         errors["equivalence"] = relative_error(got, expected, expected)
     raise_if_inexact(errors, lambda: nonlinear_modules(check_model, check_model.encode_inputs(x), check_model.get_image_features))

@@ -63,15 +63,18 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
         errors["completeness"] = relative_error(explanation.contributions.sum((1, 2)), explanation.explained_output, scale)
     if source is not None:
         reference = copy.deepcopy(source).double().eval()
-        mean_t = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
-        std_t = torch.as_tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         # The source as the converted model runs it: position embeddings interpolated to x's size.
         options = {"interpolate_pos_encoding": True} if getattr(check_model.backbone, "interpolate_pos_encoding", False) else {}
         with torch.no_grad():
-            expected = logits_of(reference((x - mean_t) / std_t, **options))
+            expected = logits_of(reference(normalised(x, mean, std), **options))
         errors["equivalence"] = relative_error(logits.detach(), expected, expected)
     raise_if_inexact(errors, lambda: nonlinear_modules(check_model, check_model.encode_inputs(x)))
     return errors
+
+
+def normalised(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """``x`` as the source model reads it: normalised by its per-channel mean and std."""
+    return (x - torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)) / torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
 
 
 def raise_if_inexact(errors: dict, find_culprits) -> None:
