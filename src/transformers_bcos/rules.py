@@ -20,11 +20,13 @@ transformers and the standard library only.
 """
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers.activations import ACT2CLS
 
 from .layers import (
@@ -145,7 +147,7 @@ class BcosGlobalResponseNorm(ExplainableModule):
 
 
 def _is_gating_module(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Sigmoid, nn.Hardsigmoid))
+    return isinstance(module, (nn.Sigmoid, nn.Hardsigmoid, *_timm_types("Sigmoid", "HardSigmoid")))
 
 
 def _activation_classes() -> tuple:
@@ -164,6 +166,35 @@ def _activation_classes() -> tuple:
 ACTIVATION_CLASSES = _activation_classes()
 
 
+def activation_classes() -> tuple:
+    """`ACTIVATION_CLASSES` and, where timm is imported, timm's own activation classes."""
+    return ACTIVATION_CLASSES + _timm_types("GELU", "GELUTanh", "QuickGELU", "Swish", "HardSwish")
+
+
+# ----------------------------------------------------------------------------------------------
+# timm's module types
+# ----------------------------------------------------------------------------------------------
+
+
+def _timm_types(*names: str) -> tuple:
+    """The classes of ``timm.layers`` with these names where timm is imported, else (). A timm
+    model exists only once timm is imported, and this file must not import it: it travels with
+    checkpoints that do not need it."""
+    if "timm" not in sys.modules:
+        return ()
+    import timm.layers
+
+    return tuple(getattr(timm.layers, name) for name in names if hasattr(timm.layers, name))
+
+
+def _timm_vision_transformer() -> tuple:
+    if "timm" not in sys.modules:
+        return ()
+    from timm.models.vision_transformer import VisionTransformer
+
+    return (VisionTransformer,)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
@@ -175,26 +206,71 @@ def _explaining(module: nn.Module) -> bool:
     return any(getattr(child, "explanation_mode", False) for child in module.modules())
 
 
+def constant_probability_attention(query, key, value, scaling: float, mask=None) -> tuple:
+    """(probabilities · value, probabilities) with the probabilities softmax(q·kᵀ·scaling + mask)
+    a constant of the explanation: they weigh the values linearly. A boolean ``mask`` marks the
+    keys each query may attend to; a float one is added to the scores."""
+
+    def attention_probabilities(query, key):
+        scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
+        # In at least float32 (float64 models keep their precision: the explanation's
+        # derivative in the parameters is checked against finite differences there).
+        return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+
+    probabilities = explanation_constant(attention_probabilities, query, key)
+    return torch.matmul(probabilities, value), probabilities
+
+
 def bcos_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention whose probabilities are a constant in explanation mode: softmax(q·kᵀ) then
     weighs the values linearly. Elsewhere it is SDPA, the same function computed faster."""
     if not _explaining(module):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    attn_output, probabilities = constant_probability_attention(query, key, value, scaling, attention_mask)
+    return attn_output.transpose(1, 2).contiguous(), probabilities
 
-    def attention_probabilities(query, key, *mask):
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-        if mask:
-            scores = scores + mask[0]
-        # In at least float32 (float64 models keep their precision: the explanation's
-        # derivative in the parameters is checked against finite differences there).
-        return F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
 
-    masks = () if attention_mask is None else (attention_mask,)
-    probabilities = explanation_constant(attention_probabilities, query, key, *masks)
-    attn_output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
-    return attn_output, probabilities
+def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """`F.scaled_dot_product_attention` with its probabilities a constant of the explanation."""
+    if enable_gqa:
+        raise NotImplementedError("Grouped-query attention (enable_gqa=True) has no B-cos rule.")
+    mask = attn_mask
+    if is_causal:
+        mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out, probabilities = constant_probability_attention(query, key, value, scale, mask)
+    return out if dropout_p == 0.0 else torch.matmul(F.dropout(probabilities, dropout_p), value)
+
+
+class _ConstantAttentionProbabilities(TorchFunctionMode):
+    """Within the forward of an attention module that computes its probabilities inline:
+    softmax and `F.scaled_dot_product_attention` hold the probabilities constant."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.softmax, F.softmax, torch.Tensor.softmax):
+            return explanation_constant(lambda t: func(t, *args[1:], **kwargs), args[0])
+        if func is F.scaled_dot_product_attention:
+            return _scaled_dot_product_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class InlineAttention(ExplainableModule):
+    """Mixed into an attention module whose forward computes its probabilities itself (timm's
+    `Attention`, with `F.scaled_dot_product_attention` or a softmax): that forward runs as it is,
+    in explanation mode with the probabilities constant. Its projections are B-cos linear layers
+    by their own rule."""
+
+    def forward(self, *args, **kwargs):
+        if not self.explanation_mode:
+            return super().forward(*args, **kwargs)
+        with _ConstantAttentionProbabilities():
+            return super().forward(*args, **kwargs)
 
 
 if AttentionInterface is not None:
@@ -273,6 +349,33 @@ class LinearizedConstants:
         return (linear, *output[1:]) if isinstance(output, tuple) else linear
 
 
+class LinearizedPositionEmbedding:
+    """Mixed into timm's `VisionTransformer`, which adds its class and register tokens and its
+    position embeddings to the patch tokens in its ``_pos_embed`` method, on the model itself:
+    the constants are made linear in the input there, as `LinearizedConstants` does. The encoded
+    pixels come from the pixel reader (`PixelInputRecorder`)."""
+
+    pixel_input: "PixelInputRecorder"
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = super()._pos_embed(x)
+        with contextlib.nullcontext() if differentiable_explanation() else torch.no_grad():
+            constants = super()._pos_embed(torch.zeros_like(x))
+        units = token_units(self.pixel_input.encoded, self.pixel_input.reader, tokens.shape[1]).to(tokens.dtype)
+        return tokens + constants * (units - 1)
+
+
+class PixelInputRecorder:
+    """A forward pre-hook on the pixel reader keeping the encoded pixels of the current forward."""
+
+    def __init__(self, reader: nn.Conv2d):
+        self.reader = reader
+        self.encoded = None
+
+    def __call__(self, module, args):
+        self.encoded = args[0]
+
+
 def _holds_constants(module: nn.Module) -> bool:
     own = any(p is not None for p in module._parameters.values())
     return own or any(isinstance(child, nn.Embedding) for child in module.children())
@@ -330,21 +433,45 @@ def _convert_linear(module: nn.Linear, b: float, keep_bias: bool) -> Optional[st
     return None
 
 
+def _uncovered_batchnorm(module: nn.BatchNorm2d) -> Optional[str]:
+    if module.weight is None or not module.track_running_stats:
+        return "no affine weight or no running statistics"
+    return None
+
+
 def _convert_batchnorm(module: nn.BatchNorm2d, b: float, keep_bias: bool) -> Optional[str]:
     if _own_forward(module, nn.BatchNorm2d) and type(module).forward is not nn.modules.batchnorm._BatchNorm.forward:
         return "a subclass with a forward of its own"
-    if module.weight is None or not module.track_running_stats:
-        return "no affine weight or no running statistics"
-    _swap_class(module, BcosBatchNorm2d)
-    _drop(module, "bias", keep_bias)
-    return None
+    reason = _uncovered_batchnorm(module)
+    if reason is None:
+        _swap_class(module, BcosBatchNorm2d)
+        _drop(module, "bias", keep_bias)
+    return reason
+
+
+class BcosBatchNormAct2d(BcosBatchNorm2d):
+    """timm's `BatchNormAct2d` (batch norm, dropout and activation in one module) B-cosified: the
+    B-cos batch norm, then its own dropout and activation (wrapped by the activation rule)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _convert_batchnorm_act(module: nn.BatchNorm2d, b: float, keep_bias: bool) -> Optional[str]:
+    reason = _uncovered_batchnorm(module)
+    if reason is None:
+        _swap_class(module, BcosBatchNormAct2d)
+        _drop(module, "bias", keep_bias)
+    return reason
 
 
 def _convert_layernorm(module: nn.LayerNorm, b: float, keep_bias: bool) -> Optional[str]:
     if module.weight is None:
         return "no affine weight"
-    channels_first = getattr(module, "data_format", "channels_last") == "channels_first"
-    if _own_forward(module, nn.LayerNorm) and not hasattr(module, "data_format"):
+    # timm's LayerNorm2d normalises the channels of (N, C, H, W) as ConvNeXt's "channels_first"
+    # layer norms do; timm's LayerNorm is nn.LayerNorm with an optional fused kernel.
+    channels_first = getattr(module, "data_format", "channels_last") == "channels_first" or isinstance(module, _timm_types("LayerNorm2d"))
+    if _own_forward(module, nn.LayerNorm) and not hasattr(module, "data_format") and not isinstance(module, _timm_types("LayerNorm", "LayerNorm2d")):
         # ConvNeXt's layer norms only add a data format; any other forward of their own is unknown.
         return "a subclass with a forward of its own"
     if len(module.normalized_shape) != 1:
@@ -364,8 +491,29 @@ def _convert_maxpool(module: nn.MaxPool2d, b: float, keep_bias: bool) -> Optiona
     return None
 
 
-# (module type, rule) in the order they are tried; a rule returns None, or why it cannot apply.
-IN_PLACE_RULES = (
+_MIXED_CLASSES = {}
+
+
+def _mix_in(module: nn.Module, mixin: type) -> None:
+    """Make ``module`` an instance of its own class with ``mixin`` in front (one class per pair)."""
+    key = (mixin, type(module))
+    if key not in _MIXED_CLASSES:
+        _MIXED_CLASSES[key] = type(f"Bcos{type(module).__name__}", key, {})
+    _swap_class(module, _MIXED_CLASSES[key])
+
+
+def _convert_inline_attention(module: nn.Module, b: float, keep_bias: bool) -> Optional[str]:
+    _mix_in(module, InlineAttention)
+    return None
+
+
+def _convert_timm_vision_transformer(module: nn.Module, b: float, keep_bias: bool) -> Optional[str]:
+    _mix_in(module, LinearizedPositionEmbedding)
+    return None
+
+
+# (module types, rule) in the order they are tried; a rule returns None, or why it cannot apply.
+STANDARD_RULES = (
     (nn.Conv2d, _convert_conv),
     (nn.Linear, _convert_linear),
     (nn.BatchNorm2d, _convert_batchnorm),
@@ -374,11 +522,21 @@ IN_PLACE_RULES = (
 )
 
 
+def in_place_rules() -> tuple:
+    """`STANDARD_RULES` preceded, where timm is imported, by the rules of timm's module types."""
+    timm_rules = (
+        (_timm_types("BatchNormAct2d"), _convert_batchnorm_act),
+        (_timm_types("Attention"), _convert_inline_attention),
+        (_timm_vision_transformer(), _convert_timm_vision_transformer),
+    )
+    return tuple(rule for rule in timm_rules if rule[0]) + STANDARD_RULES
+
+
 def _wrapping_rule(module: nn.Module, keep_bias: bool) -> Optional[nn.Module]:
     """The module that replaces ``module`` in its parent, or None."""
     if isinstance(module, ExplainableModule):
         return None
-    if isinstance(module, ACTIVATION_CLASSES):
+    if isinstance(module, activation_classes()):
         return GatedActivation(module)
     if _is_gating_module(module):
         return DetachedGate(module)
@@ -392,10 +550,11 @@ def bcosify_modules(model: nn.Module, b: float, keep_bias: bool) -> list:
     are because no rule covers them: ``[(qualified name, type name, reason)]``."""
     left = []
     replacements = {}
+    rules = in_place_rules()
     for name, module in list(model.named_modules()):
-        if isinstance(module, ExplainableModule):
+        if isinstance(module, (ExplainableModule, LinearizedPositionEmbedding)):
             continue
-        for base, rule in IN_PLACE_RULES:
+        for base, rule in rules:
             if isinstance(module, base):
                 reason = rule(module, b, keep_bias)
                 if reason:
@@ -438,6 +597,9 @@ def find_pixel_reader(model: nn.Module, channels: int, encoded: bool = False) ->
 def prepare_reader(model: nn.Module, reader: BcosConv2d) -> None:
     """Mark the pixel reader and make the constants around it linear in the input."""
     reader.encoded_image_input = True
+    if isinstance(model, LinearizedPositionEmbedding):
+        model.pixel_input = PixelInputRecorder(reader)
+        reader.register_forward_pre_hook(model.pixel_input)
     holder = constants_module(model, reader)
     if holder is not None:
         holder.register_forward_hook(LinearizedConstants(reader), with_kwargs=True)
