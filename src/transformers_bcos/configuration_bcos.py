@@ -18,25 +18,54 @@ RULES_FAMILY = "rules"
 PLAIN_MODULE_FAMILY = "module"
 
 
+# Libraries whose models a `PlainModuleConfig` can name, so that they are rebuilt from the config.
+MODEL_LIBRARIES = ("timm", "torchvision")
+
+
 class PlainModuleConfig(PretrainedConfig):
     r"""What a config can say about a plain PyTorch classifier (an ``nn.Module`` that is not a
-    transformers model): its input, and the class whose code holds the architecture.
+    transformers model): its input, and the code that holds the architecture.
 
     Args:
         module_class (`str`): the qualified name of the module's class ("my_package.nets.Net"),
-            for messages: the architecture is that class's code, not this config.
+            for messages.
         num_channels (`int`, *optional*, defaults to 3): 1 (grey) or 3 (RGB) pixel channels.
         image_size (`int` or `(int, int)`, *optional*, defaults to 224): the input size the
             module takes.
+        image_mean, image_std (`list[float]`, *optional*): the source's input normalisation, folded
+            into the module that reads the pixels.
+        library (`str`, *optional*): "timm" or "torchvision" when the module is a model of that
+            library that ``architecture`` and ``architecture_kwargs`` rebuild
+            (``timm.create_model(architecture, **architecture_kwargs)``,
+            ``torchvision.models.get_model(architecture, **architecture_kwargs)``); otherwise the
+            architecture is the class's code, which loading needs as an instance.
     """
 
     model_type = "bcos_plain_module"
 
-    def __init__(self, module_class: str = "", num_channels: int = 3, image_size=224, **kwargs):
+    def __init__(
+        self,
+        module_class: str = "",
+        num_channels: int = 3,
+        image_size=224,
+        image_mean=None,
+        image_std=None,
+        library=None,
+        architecture: str = "",
+        architecture_kwargs=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        if library is not None and library not in MODEL_LIBRARIES:
+            raise ValueError(f"library must be one of {', '.join(MODEL_LIBRARIES)} or None, got {library!r}.")
         self.module_class = module_class
         self.num_channels = num_channels
         self.image_size = image_size
+        self.image_mean = image_mean
+        self.image_std = image_std
+        self.library = library
+        self.architecture = architecture
+        self.architecture_kwargs = dict(architecture_kwargs or {})
 
 
 # Registered here, not only in the package: saved folders reload this config without it.

@@ -450,6 +450,27 @@ class BcosPlainModuleArchitecture(BcosSourceArchitecture):
         return logits_of(self.model(encoded_pixel_values)), None
 
 
+def build_library_model(config) -> nn.Module:
+    """The timm or torchvision model named by a `PlainModuleConfig` (``library``,
+    ``architecture``, ``architecture_kwargs``), with random weights. The library is imported
+    here: only these models need it."""
+    name, kwargs = config.architecture, config.architecture_kwargs
+    try:
+        library = __import__("timm" if config.library == "timm" else "torchvision.models", fromlist=["_"])
+    except ImportError:
+        raise ImportError(
+            f"This B-cos model is the {config.library} model {name!r} B-cosified: loading it needs {config.library} "
+            f"(pip install 'transformers-bcos[timm]', which installs timm and torchvision)."
+        ) from None
+    if config.library == "timm":
+        if not library.is_model(name):
+            raise ValueError(f"Unknown timm architecture {name!r} (timm {library.__version__} has no model of that name).")
+        return library.create_model(name, pretrained=False, **kwargs)
+    if name not in library.list_models(module=library):
+        raise ValueError(f"Unknown torchvision classification model {name!r} (torchvision.models.list_models() names them).")
+    return library.get_model(name, weights=None, **kwargs)
+
+
 def logits_of(output) -> torch.Tensor:
     """The logits in a classifier's output: the tensor itself, its ``logits`` or its first item."""
     if isinstance(output, torch.Tensor):
@@ -671,6 +692,8 @@ class BcosForImageClassification(BcosPreTrainedModel):
         """
         super().__init__(config)
         if config.backbone_family == PLAIN_MODULE_FAMILY:
+            if source_module is None and config.backbone_config.library is not None:
+                source_module = build_library_model(config.backbone_config)
             if not isinstance(source_module, nn.Module):
                 raise ValueError(
                     f"This B-cos model was converted from the plain PyTorch module {config.backbone_config.module_class or '(unnamed)'}, "

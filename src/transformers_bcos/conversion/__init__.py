@@ -38,6 +38,7 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.utils import logging
 
 from .._compat import AutoImageProcessor
 from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, SUPPORTED_BACKBONES, BcosConfig, PlainModuleConfig, backbone_family_of
@@ -45,6 +46,9 @@ from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES
 from ..modeling_bcos import BcosForImageClassification, logits_of
 from ..rules import find_pixel_reader
 from .exactness import ExactnessError, check_exactness
+from .libraries import data_config_settings, is_timm_wrapper, library_record, load_timm_wrapper, timm_data_config
+
+logger = logging.get_logger(__name__)
 
 try:
     from transformers.initialization import no_init_weights
@@ -294,9 +298,18 @@ def _is_clip_source(src, **kwargs) -> bool:
     return False
 
 
-def _plain_module_config(module: nn.Module, image_mean, image_std, image_size) -> tuple:
-    """(PlainModuleConfig, number of classes) of a plain PyTorch classifier, validated: the
-    normalisation has one value per channel, and the module maps such pixels to (1, K) logits."""
+def _plain_module_config(module: nn.Module, image_mean, image_std, image_size, record: Optional[tuple] = None) -> tuple:
+    """(PlainModuleConfig, number of classes, mean, std) of a plain PyTorch classifier, validated:
+    the normalisation has one value per channel, and the module maps such pixels to (1, K) logits.
+
+    A timm model's own data config supplies what is not passed. A timm or torchvision model is
+    recorded with the library, architecture and arguments that rebuild it (``record``, or found by
+    `library_record`), so that its saved folder loads without the module.
+    """
+    data_config = timm_data_config(module)
+    if data_config is not None:
+        mean, std, size = data_config_settings(data_config)
+        image_mean, image_std, image_size = image_mean or mean, image_std or std, image_size or size
     if image_mean is None or image_std is None or image_size is None:
         raise ValueError(
             f"{type(module).__name__} is a plain PyTorch module: pass image_mean=, image_std= (the normalisation it was "
@@ -311,6 +324,12 @@ def _plain_module_config(module: nn.Module, image_mean, image_std, image_size) -
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
         raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
+    if getattr(module, "transform_input", False):
+        raise ValueError(
+            f"{type(module).__name__} has transform_input=True: it re-normalises its input channels itself, which "
+            "the encoding [x, 1 - x] cannot pass through. Set module.transform_input = False and pass "
+            "image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5] (what it computes), then convert."
+        )
     find_pixel_reader(module, len(mean))  # raises when no convolution reads the pixels
     probe = copy.deepcopy(module).eval()
     try:
@@ -320,10 +339,41 @@ def _plain_module_config(module: nn.Module, image_mean, image_std, image_size) -
         raise ValueError(f"{type(module).__name__} does not take ({len(mean)}, {size[0]}, {size[1]}) pixels: {error}") from None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
         raise ValueError(f"{type(module).__name__} must return logits of shape (N, classes), got {getattr(logits, 'shape', type(logits).__name__)}.")
+    record = record or library_record(module, logits.shape[1], len(mean))
+    library, architecture, kwargs = record or (None, "", {})
     config = PlainModuleConfig(
-        module_class=f"{type(module).__module__}.{type(module).__qualname__}", num_channels=len(mean), image_size=list(size)
+        module_class=f"{type(module).__module__}.{type(module).__qualname__}",
+        num_channels=len(mean),
+        image_size=list(size),
+        image_mean=mean,
+        image_std=std,
+        library=library,
+        architecture=architecture,
+        architecture_kwargs=kwargs,
     )
+    if library is None:
+        logger.warning(
+            "%s is not a timm or torchvision model that a config can rebuild: the B-cos model saves its weights and config, "
+            "and loading them needs an instance of the class (from_pretrained(folder, source_module=...)).",
+            type(module).__name__,
+        )
     return config, logits.shape[1], mean, std
+
+
+def _resizing_processor(config: PlainModuleConfig) -> dict:
+    """The image processor of a B-cos timm or torchvision model: resize to its input size
+    (bicubic as timm's data configs, bilinear as torchvision's), pixels in [0, 1] (the
+    normalisation is folded into the model)."""
+    height, width = config.image_size
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": height, "width": width},
+        "resample": 3 if config.library == "timm" else 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": False,
+    }
 
 
 def _load_source(src, image_processor, **kwargs):
@@ -427,20 +477,25 @@ def bcosify_pretrained(
             src, b=b, keep_bias=keep_bias, image_processor=image_processor, tokenizer=tokenizer, check=check,
             **from_pretrained_kwargs,
         )
+    timm_wrapper = is_timm_wrapper(src, **from_pretrained_kwargs)
     plain_module = isinstance(src, nn.Module) and not isinstance(src, PreTrainedModel)
-    if not plain_module and (image_mean, image_std, image_size) != (None, None, None):
+    if not (plain_module or timm_wrapper) and (image_mean, image_std, image_size) != (None, None, None):
         raise ValueError(
             "image_mean, image_std and image_size apply to plain PyTorch modules; a transformers model's normalisation "
             "comes from its image processor (pass image_processor= if it cannot be loaded with the model)."
         )
-    if plain_module:
-        if image_processor is not None or from_pretrained_kwargs:
-            unexpected = ["image_processor"] * (image_processor is not None) + sorted(from_pretrained_kwargs)
-            raise ValueError(f"{', '.join(unexpected)} do not apply to a plain PyTorch module (pass image_mean=, image_std=, image_size=).")
-        source = src
-        backbone_config, num_labels, mean, std = _plain_module_config(src, image_mean, image_std, image_size)
-        labels = {"num_labels": num_labels}
-        processor_dict = None
+    if plain_module and (image_processor is not None or from_pretrained_kwargs):
+        unexpected = ["image_processor"] * (image_processor is not None) + sorted(from_pretrained_kwargs)
+        raise ValueError(f"{', '.join(unexpected)} do not apply to a plain PyTorch module (pass image_mean=, image_std=, image_size=).")
+    if plain_module or timm_wrapper:
+        source, labels, record = src, None, None
+        if timm_wrapper:
+            source, data_config, labels, record = load_timm_wrapper(src, **from_pretrained_kwargs)
+            mean, std, size = data_config_settings(data_config)
+            image_mean, image_std, image_size = image_mean or mean, image_std or std, image_size or size
+        backbone_config, num_labels, mean, std = _plain_module_config(source, image_mean, image_std, image_size, record)
+        labels = labels or {"num_labels": num_labels}
+        processor_dict = _resizing_processor(backbone_config) if backbone_config.library else None
     else:
         source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
         mean, std, processor_dict = _processor_settings(processor)
@@ -460,7 +515,7 @@ def bcosify_pretrained(
     )
     # Built on the meta device: every tensor is then installed from the source, none allocated twice.
     with torch.device("meta"), no_init_weights():
-        model = BcosForImageClassification(config, **({"source_module": source} if plain_module else {}))
+        model = BcosForImageClassification(config, source_module=source if config.backbone_family == PLAIN_MODULE_FAMILY else None)
     share = isinstance(src, (str, os.PathLike))
     if config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY):
         written = copy_tensors_by_key(source, model.backbone.model, model.backbone.pixel_reader, mean, std, share)
