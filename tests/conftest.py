@@ -277,6 +277,18 @@ def run(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedPro
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: more than a few seconds (launches, subprocesses, compilation, training); "
                             "the quick tier, -m 'not slow', stays under 5 minutes on 2 cores")
+    config.addinivalue_line("markers", "timm: needs timm and torchvision, which the core install does not have: the "
+                            "torchvision/timm tier (pip install -e '.[timm,dev]'; pytest -m timm)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Where timm is not installed, the timm tier's tests are reported as skipped (never run as passing)."""
+    if importlib.util.find_spec("timm") is not None:
+        return
+    skip = pytest.mark.skip(reason="timm tier: needs timm and torchvision (pip install -e '.[timm,dev]')")
+    for item in items:
+        if "timm" in item.keywords:
+            item.add_marker(skip)
 
 
 # ------------------------------------------------------------------------------ families by rules

@@ -425,7 +425,8 @@ def _convert_conv(module: nn.Conv2d, b: float, keep_bias: bool) -> Optional[str]
 
 
 def _convert_linear(module: nn.Linear, b: float, keep_bias: bool) -> Optional[str]:
-    if _own_forward(module, nn.Linear):
+    # timm's Linear only casts its bias under TorchScript.
+    if _own_forward(module, nn.Linear) and not isinstance(module, _timm_types("Linear")):
         return "a subclass with a forward of its own"
     _swap_class(module, BcosLinear)
     module.b, module.normalize_weights, module.recompute_response = float(b), False, False

@@ -24,6 +24,7 @@ source): `check_exactness`.
 import copy
 import math
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -38,7 +39,6 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-from transformers.utils import logging
 
 from .._compat import AutoImageProcessor
 from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, SUPPORTED_BACKBONES, BcosConfig, PlainModuleConfig, backbone_family_of
@@ -47,8 +47,6 @@ from ..modeling_bcos import BcosForImageClassification, logits_of
 from ..rules import find_pixel_reader
 from .exactness import ExactnessError, check_exactness
 from .libraries import data_config_settings, is_timm_wrapper, library_record, load_timm_wrapper, timm_data_config
-
-logger = logging.get_logger(__name__)
 
 try:
     from transformers.initialization import no_init_weights
@@ -352,10 +350,11 @@ def _plain_module_config(module: nn.Module, image_mean, image_std, image_size, r
         architecture_kwargs=kwargs,
     )
     if library is None:
-        logger.warning(
-            "%s is not a timm or torchvision model that a config can rebuild: the B-cos model saves its weights and config, "
-            "and loading them needs an instance of the class (from_pretrained(folder, source_module=...)).",
-            type(module).__name__,
+        warnings.warn(
+            f"{type(module).__name__} is not a timm or torchvision model that a config can rebuild (by name, number of "
+            "classes and channels): the B-cos model saves its weights and config, and loading them needs an instance of "
+            "the class (from_pretrained(folder, source_module=...)).",
+            stacklevel=3,
         )
     return config, logits.shape[1], mean, std
 

@@ -7,7 +7,6 @@ folder or a ``timm/...`` Hub id) is converted as the timm model it wraps. Neithe
 imported unless the source is one of its models.
 """
 
-import importlib.util
 import os
 import sys
 from typing import Optional
@@ -22,8 +21,10 @@ INSTALL_HINT = "pip install 'transformers-bcos[timm]' (timm and torchvision)"
 
 def require_timm(what: str) -> None:
     """One line saying what to install, before any work, when timm is missing."""
-    if importlib.util.find_spec("timm") is None:
-        raise ImportError(f"{what} is a timm model: B-cosifying it needs timm. Install it with {INSTALL_HINT}.")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{what} is a timm model: B-cosifying it needs timm. Install it with {INSTALL_HINT}.") from None
 
 
 def check_timm_architecture(name: str) -> None:
