@@ -393,7 +393,10 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
+    # The GridPG reports (how many grids, from how many confident images) are logged by the library.
     logging.getLogger("transformers_bcos.evaluation").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="    %(message)s")
     started = time.perf_counter()
     timings = {}
 
