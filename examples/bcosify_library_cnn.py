@@ -29,8 +29,8 @@ of RESULTS.md (`examples/reproduce.py`):
 
 Why ResNet-18: it is torchvision's (and the B-cosification paper's) reference CNN, converts with
 the rules (convolutions, batch norms, ReLU, max pooling, global average pooling, a linear head)
-and, at MNIST's 28 px, costs 0.6 s per batch of 64 on one CPU thread: about 40 s per epoch,
-so the whole run stays within ~15 minutes on a laptop CPU. Its stride-32 design reduces a 28-px
+and, at MNIST's 28 px, costs 0.6 s per batch of 64 on one CPU thread (40–60 s per epoch measured here),
+so the whole run took 10.9 min on 2 shared CPU cores. Its stride-32 design reduces a 28-px
 digit to 1×1 in the last stage; that is its standard form, kept as it is (no CIFAR-style stem),
 because the point is to convert the library's model unchanged.
 
