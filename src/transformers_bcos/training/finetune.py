@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, ViTConfig
 
-from ..configuration_bcos import RULES_FAMILY, BcosConfig, backbone_family_of
+from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, BcosConfig, backbone_family_of
 from ..conversion import bcosify_pretrained
 from ..data import (
     DEFAULT_DATASET,
@@ -37,7 +37,7 @@ from ..data import (
 from ..defaults import STANDARD_MODEL_RECIPES, TRAINING_SUMMARY_FILE, default_standard_model
 from ..layers import BcosLinear
 from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_rows
-from ..modeling_bcos import BcosForImageClassification, BcosSourceArchitecture
+from ..modeling_bcos import BcosForImageClassification, BcosPlainModuleArchitecture, BcosSourceArchitecture, build_library_model
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
 from .checkpointing import CheckpointError, CheckpointManager, TrainingPosition, check_checkpoint_files, read_position
 from .distillation import Teacher, e2kd_loss, eval_loader_distillation
@@ -237,16 +237,26 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
     """Give ``model`` a freshly initialised classifier for ``labels`` unless it already has exactly them.
 
     Returns True when the classifier was replaced. The fixed logit bias follows the new number of
-    classes (-log(C-1)).
+    classes (-log(C-1)). A model converted from a torchvision or timm model records the new number
+    of classes among the arguments that rebuild it, so that its saved folder loads again.
     """
     current = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if current == list(labels):
         return False
+    plain = model.config.backbone_config if model.config.backbone_family == PLAIN_MODULE_FAMILY else None
+    if plain is not None and plain.library is None:
+        raise OptionsError(
+            f"The B-cos model of the plain PyTorch module {plain.module_class or '(unnamed)'} has the labels "
+            f"{current[:5]}..., not the data's {list(labels)[:5]}...: its classifier cannot be rebuilt from the config "
+            "(only torchvision and timm models can). Give the model the data's labels (config.id2label) before saving it."
+        )
     model.config.num_labels = len(labels)
     model.config.id2label = {i: name for i, name in enumerate(labels)}
     model.config.label2id = {name: i for i, name in enumerate(labels)}
     model.config.logit_bias = -math.log(len(labels) - 1) if len(labels) > 1 else 0.0
-    if model.config.backbone_family == RULES_FAMILY:
+    if plain is not None:
+        plain.architecture_kwargs = {**plain.architecture_kwargs, "num_classes": len(labels)}
+    if model.config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY):
         model.backbone = _with_new_head(model.backbone, model.config)
         return True
     old = model.classifier
@@ -254,6 +264,14 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
         old.in_features, len(labels), bias=old.bias is not None, b=old.b, normalize_weights=old.normalize_weights
     ).to(device=old.weight.device, dtype=old.weight.dtype)
     return True
+
+
+def _source_architecture(config: BcosConfig) -> BcosSourceArchitecture:
+    """The B-cos source architecture of ``config`` with fresh weights; a torchvision or timm model
+    is rebuilt from the library, architecture and arguments its config records."""
+    if config.backbone_family == PLAIN_MODULE_FAMILY:
+        return BcosPlainModuleArchitecture(config, build_library_model(config.backbone_config))
+    return BcosSourceArchitecture(config)
 
 
 def _with_new_head(backbone: BcosSourceArchitecture, config: BcosConfig) -> BcosSourceArchitecture:
@@ -266,10 +284,12 @@ def _with_new_head(backbone: BcosSourceArchitecture, config: BcosConfig) -> Bcos
     """
     wider_config = copy.deepcopy(config)
     wider_config.num_labels = config.num_labels + 1
+    if config.backbone_family == PLAIN_MODULE_FAMILY:
+        wider_config.backbone_config.architecture_kwargs["num_classes"] = config.num_labels + 1
     with torch.device("meta"):
-        wider = BcosSourceArchitecture(wider_config).state_dict()
+        wider = _source_architecture(wider_config).state_dict()
     reference = next(iter(backbone.parameters()))
-    rebuilt = BcosSourceArchitecture(config).to(device=reference.device, dtype=reference.dtype)
+    rebuilt = _source_architecture(config).to(device=reference.device, dtype=reference.dtype)
     head = {key for key, tensor in rebuilt.state_dict().items() if wider[key].shape != tensor.shape}
     rebuilt.load_state_dict({key: tensor for key, tensor in backbone.state_dict().items() if key not in head}, strict=False)
     return rebuilt
@@ -318,7 +338,7 @@ def load_starting_model(options: FinetuneOptions, accelerator: Accelerator) -> O
         raise OptionsError(f"Cannot load the model {source}: {message}") from None
     if origin == "continued" and options.b != model.config.b:
         raise OptionsError(f"--b {options.b} differs from the B-cos checkpoint's b={model.config.b}.")
-    return PreparedModel(model, origin, source, recipe_family(model.config), source_summary)
+    return PreparedModel(model, origin, source, recipe_family(model.config, model), source_summary)
 
 
 def prepare_model(options: FinetuneOptions, data: ImageClassificationData, starting: Optional[PreparedModel]) -> PreparedModel:
@@ -398,13 +418,21 @@ def _to_device(batch: dict, device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def _backbone_name(backbone_config) -> str:
+    """The model type, or for a B-cosified torchvision or timm model its library and architecture."""
+    library = getattr(backbone_config, "library", None)
+    if library:
+        return f"{library} {backbone_config.architecture}"
+    return backbone_config.model_type
+
+
 def model_card_values(options, prepared: PreparedModel, data: ImageClassificationData, recipe: ResolvedRecipe,
                       metrics: dict, num_processes: int, mixed_precision: str) -> dict:
     model = prepared.model
     params = sum(p.numel() for p in model.parameters())
     backbone = model.config.backbone_config
     origin = {
-        "bcosified": f"It was B-cosified from the standard model `{prepared.source}` ({backbone.model_type}) and fine-tuned.",
+        "bcosified": f"It was B-cosified from the standard model `{prepared.source}` ({_backbone_name(backbone)}) and fine-tuned.",
         "continued": f"It was fine-tuned from the B-cos checkpoint `{prepared.source}`.",
         "scratch": f"It was trained from scratch (architecture: `{prepared.source}`).",
     }[prepared.origin]
@@ -443,7 +471,7 @@ def model_card_values(options, prepared: PreparedModel, data: ImageClassificatio
     return {
         "hub_metadata": hub_metadata(options, base_model),
         "model_name": options.hub_model_id or os.path.basename(os.path.abspath(options.output_dir)),
-        "architecture": f"{type(model).__name__}, {backbone.model_type} backbone, {params / 1e6:.2f}M parameters",
+        "architecture": f"{type(model).__name__}, {_backbone_name(backbone)} backbone, {params / 1e6:.2f}M parameters",
         "b": f"{model.config.b:g}",
         "origin": origin,
         "eval_description": f"{len(data.eval):,} images of {data.source}",

@@ -10,6 +10,8 @@ Defaults (``recipe_defaults``), with their sources:
   AGC 0.01 (§3).
 * Architectures B-cosified by the module-type rules take the CNN or the ViT recipe by kind
   (`recipe_family`): transformers (DINOv2, Swin, BEiT, SigLIP, ...) the ViTs', the others the CNNs'.
+  So do B-cosified plain PyTorch, torchvision and timm models: those with attention (timm's ViTs)
+  the ViTs', the others the CNNs'.
 * B-cos networks from scratch: lr 1e-3, cosine, warm-up 5 of 90 epochs (5.5% of the steps) for
   CNNs and ~10k of ~450k steps (2.2%) for ViTs, AGC 0.01 (§2).
 * B-cos CLIP image towers, distilled from the original tower (`CLIP_DISTILLATION_RECIPE`):
@@ -28,7 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import get_scheduler
 
-from ..configuration_bcos import RULES_FAMILY
+from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY
+from ..rules import InlineAttention
 
 # "cnn": any other convolutional network (one B-cosified by the module-type rules).
 CNN_FAMILIES = ("resnet", "convnext", "cnn")
@@ -70,11 +73,20 @@ CLIP_DISTILLATION_RECIPE = Recipe(
 )
 
 
-def recipe_family(config) -> str:
+def recipe_family(config, model=None) -> str:
     """The family whose recipe a B-cos classifier of ``config`` (a `BcosConfig`) trains with: its
     hand-written backbone's, or for an architecture B-cosified by the module-type rules "vit" for a
     transformer (its config, or a sub-config such as SigLIP's vision config, has attention heads)
-    and "cnn" for any other."""
+    and "cnn" for any other.
+
+    A model converted from a plain PyTorch module (a torchvision or timm model) has no config that
+    describes its layers, so its kind is read from the B-cos ``model`` itself: "vit" when it holds
+    attention (timm's attention modules, made B-cos by the rules), else "cnn".
+    """
+    if config.backbone_family == PLAIN_MODULE_FAMILY:
+        if model is None:
+            raise ValueError("A B-cos model converted from a plain PyTorch module: pass the model, whose modules tell its recipe.")
+        return "vit" if any(isinstance(module, InlineAttention) for module in model.modules()) else "cnn"
     if config.backbone_family != RULES_FAMILY:
         return config.backbone_family
     backbone = config.backbone_config
