@@ -29,6 +29,9 @@ setup(
         "plots": ["matplotlib"],
         "posthoc": ["captum"],
         "dev": ["pytest", "mlxtend", "scikit-learn", "matplotlib", "evaluate", "captum"],
+        # torchvision and timm sources (README: "Install tiers"). torchvision replaces a CPU torch with
+        # its CUDA build: install it with the torch it is built for (torch==2.14.1 torchvision==0.29.1).
+        "timm": ["timm>=1.0", "torchvision"],
     },
     entry_points={"console_scripts": ["transformers-bcos=transformers_bcos.cli:main"]},
 )

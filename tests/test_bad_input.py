@@ -1,5 +1,9 @@
 """Bad input gets a clear error naming the problem, before any work is done."""
 
+import json
+import os
+import sys
+
 import pytest
 import torch
 
@@ -59,3 +63,40 @@ def test_bad_config_values():
         BcosConfig(b=-2)
     with pytest.raises(ValueError, match="Unsupported backbone 'bert'.*AutoModelForImageClassification"):
         BcosConfig(backbone_config=BertConfig())
+
+
+# ------------------------------------------------------------------------------ timm not installed
+# Core tier and timm tier alike: ``sys.modules["timm"] = None`` makes ``import timm`` fail.
+
+
+def test_a_timm_source_without_timm_says_what_to_install(tmp_path, monkeypatch):
+    """A TimmWrapperForImageClassification folder (what a ``timm/...`` Hub id holds) where timm is
+    not installed: one line naming the extra, nothing written, no weights read."""
+    monkeypatch.setitem(sys.modules, "timm", None)
+    config = {"model_type": "timm_wrapper", "architecture": "resnet18", "num_classes": 3, "label_names": ["a", "b", "c"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ImportError, match=r"is a timm model: B-cosifying it needs timm\. Install it with pip install 'transformers-bcos\[timm\]'"):
+        bcosify_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_a_bcos_timm_model_without_timm_says_what_to_install(tmp_path, monkeypatch):
+    """A saved B-cos timm model names its architecture; loading it where timm is missing says so."""
+    from safetensors.torch import save_file
+
+    from transformers_bcos import BcosConfig, BcosForImageClassification
+    from transformers_bcos.configuration_bcos import PlainModuleConfig
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    backbone = PlainModuleConfig(library="timm", architecture="resnet18", architecture_kwargs={"num_classes": 3}, image_size=[32, 32])
+    BcosConfig(backbone_config=backbone, num_labels=3).save_pretrained(tmp_path)
+    save_file({}, tmp_path / "model.safetensors")
+    with pytest.raises(ImportError, match=r"the timm model 'resnet18' B-cosified: loading it needs timm \(pip install 'transformers-bcos\[timm\]'"):
+        BcosForImageClassification.from_pretrained(tmp_path)
+
+
+def test_a_plain_module_config_names_a_known_library():
+    from transformers_bcos.configuration_bcos import PlainModuleConfig
+
+    with pytest.raises(ValueError, match="library must be one of timm, torchvision or None, got 'keras'"):
+        PlainModuleConfig(library="keras", architecture="resnet18")

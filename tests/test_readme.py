@@ -79,10 +79,16 @@ def test_every_readme_block_is_python_or_bash_or_a_synopsis():
     assert readme_blocks() and {language for language, _ in readme_blocks()} <= {"python", "bash", "text"}
 
 
-def test_python_blocks_run_as_written_with_local_models(hub_stand_ins, workdir, monkeypatch):
+def needs_timm_tier(code: str) -> bool:
+    return bool(re.search(r"^(import|from) (timm|torchvision)\b", code, flags=re.M))
+
+
+@pytest.mark.parametrize("tier", ["core", pytest.param("timm", marks=pytest.mark.timm)])
+def test_python_blocks_run_as_written_with_local_models(tier, hub_stand_ins, workdir, monkeypatch):
+    """Each block in its install tier: those importing torchvision or timm in the timm tier."""
     monkeypatch.chdir(workdir)
-    blocks = [code for language, code in readme_blocks() if language == "python"]
-    assert len(blocks) >= 8
+    blocks = [code for language, code in readme_blocks() if language == "python" and needs_timm_tier(code) == (tier == "timm")]
+    assert len(blocks) >= (8 if tier == "core" else 1)
     for index, code in enumerate(blocks):
         for hub_id, folder in hub_stand_ins.items():
             code = code.replace(f'"{hub_id}"', repr(folder))
