@@ -5,7 +5,9 @@ according to the module's *type* (never its name): convolutions and linear layer
 layers, normalisations detach their statistics in explanation mode, activations and gates detach
 their gates, and attention, through transformers' `AttentionInterface`, detaches its
 probabilities. The family's own forward code runs unchanged, so every family built only of
-covered module types is covered, with no code of its own.
+covered module types is covered, with no code of its own. timm's module types (its norm-activation
+layers, layer norms, activation classes, inline attention and the tokens its `VisionTransformer`
+adds) have rules of their own, looked up only where timm is imported.
 
 Two rules need to know where the pixels enter:
 
