@@ -68,7 +68,7 @@ from transformers_bcos.evaluation import (
     select_confident_images,
     top1_accuracy,
 )
-from transformers_bcos.evaluation.reporting import run_description, write_experiment_results
+from transformers_bcos.evaluation.reporting import gridpg_cell, run_description, write_experiment_results
 from transformers_bcos.training import FinetuneOptions, reestimate_batchnorm_statistics, run_finetuning
 from transformers_bcos.training.checkpointing import CheckpointManager
 
@@ -303,15 +303,6 @@ def _percent(value) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _gridpg_cell(result: dict) -> str:
-    if result["num_grids_built"] == 0:
-        return f"no grid (0 of {result['num_grids_requested']})"
-    cell = f"**{result['mean']:.3f}** / {result['median']:.3f} ({result['q1']:.2f}–{result['q3']:.2f})"
-    if result["num_grids_built"] < result["num_grids_requested"]:
-        cell += f", {result['num_grids_built']} of {result['num_grids_requested']} grids"
-    return cell
-
-
 def results_text(record: dict, args) -> str:
     s, c, a, run = record["source"], record["bcos"], record["accuracies"], record["finetuning"]
     k = args.finetune_epochs
@@ -349,7 +340,7 @@ def results_text(record: dict, args) -> str:
         method = METHOD_NAMES[row["method"]].format(steps=args.ig_steps)
         error = row["completeness"].get("max_relative")
         lines.append(f"| {name}: {model} | {method} | {_percent(a[row['model']])} | "
-                     f"{_gridpg_cell(row['gridpg']['whole_grid'])} | {_gridpg_cell(row['gridpg']['windows'])} | "
+                     f"{gridpg_cell(row['gridpg']['whole_grid'])} | {gridpg_cell(row['gridpg']['windows'])} | "
                      f"{'n/a' if error is None else f'{error:.1e}'} |")
         for protocol, result in row["gridpg"].items():
             if result["stop_reason"]:

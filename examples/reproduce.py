@@ -50,6 +50,7 @@ from transformers_bcos.evaluation import (
     select_confident_images,
     top1_accuracy,
 )
+from transformers_bcos.evaluation.reporting import gridpg_cell
 from transformers_bcos.training import FinetuneOptions, reestimate_batchnorm_statistics, run_finetuning
 from transformers_bcos.training.checkpointing import CheckpointManager, read_position
 from transformers_bcos.visualization import contribution_heatmap, rgba_on_background
@@ -382,17 +383,6 @@ def _times(value) -> str:
     return "–" if value is None else f"{value:.1f}×"
 
 
-def _gridpg_cell(result) -> str:
-    if result is None:
-        return "n/a"
-    if result["num_grids_built"] == 0:
-        return f"no grid (0 of {result['num_grids_requested']})"
-    cell = f"**{result['mean']:.3f}** / {result['median']:.3f} ({result['q1']:.2f}–{result['q3']:.2f})"
-    if result["num_grids_built"] < result["num_grids_requested"]:
-        cell += f", {result['num_grids_built']} of {result['num_grids_requested']} grids"
-    return cell
-
-
 def markdown_tables(results: dict) -> str:
     settings = results["settings"]
     tolerance = 100 * settings["reach_tolerance"]
@@ -446,7 +436,7 @@ def markdown_tables(results: dict) -> str:
                 error = "n/a (no output claimed)" if error is None else f"{error:.1e}"
                 lines.append(
                     f"| {family} | {MODEL_NAMES[row['model']]} | {METHOD_NAMES[row['method']]} | {_percent(row['accuracy'])} | "
-                    f"{_gridpg_cell(cells['whole_grid'])} | {_gridpg_cell(cells['windows'])} | {error} |"
+                    f"{gridpg_cell(cells['whole_grid'])} | {gridpg_cell(cells['windows'])} | {error} |"
                 )
     position_rows = []
     for family in results["families"]:

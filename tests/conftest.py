@@ -165,6 +165,26 @@ def assert_batched_explanations_equal_single_ones(model, images: torch.Tensor, t
         torch.testing.assert_close(batched.contributions[i], single.contributions[0], rtol=1e-9, atol=1e-15)
 
 
+def losses_of_training_steps(model, images: torch.Tensor, labels: torch.Tensor, lr: float, max_grad_norm=None, steps: int = 3) -> list:
+    """The loss before each of ``steps`` SGD steps of ``model`` (in training mode) on one batch,
+    with the same dropout masks at every step (only the parameters change); optionally with the
+    gradient clipped to ``max_grad_norm``. The parameters must stay finite."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        loss = model(images, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return losses
+
+
 def completeness_error(contributions: torch.Tensor, explained_output: torch.Tensor) -> float:
     """The largest |Σ contributions − explained output| / max(|explained output|, Σ|contributions|)
     over the explained outputs, in float64 (0 where output and contributions are all 0).

@@ -11,7 +11,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_batched_explanations_equal_single_ones, completeness_error, randomized_source, run_without_package
+from conftest import (
+    assert_batched_explanations_equal_single_ones,
+    completeness_error,
+    losses_of_training_steps,
+    randomized_source,
+    run_without_package,
+)
 from safetensors.torch import load_file, save_file
 
 from transformers_bcos import BcosForImageClassification, bcosify_pretrained
@@ -211,19 +217,8 @@ def test_save_and_load_without_the_module(name, converted, tmp_path):
 def test_a_training_step_lowers_the_loss(name, converted):
     """Gradient steps of a fixed length (the gradient clipped to norm 1): with batch statistics of
     4 images, Inception's last 1×1 feature maps make its loss sharp (gradient norm 6e3 here)."""
-    model = copy.deepcopy(converted(name)).train()
-    x, labels = images(name, 4, seed=3), torch.tensor([0, 1, 2, 3])
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    losses = []
-    for _ in range(3):
-        torch.manual_seed(0)  # the same dropout masks at every step: only the parameters change
-        loss = model(x, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model = copy.deepcopy(converted(name))
+    losses = losses_of_training_steps(model, images(name, 4, seed=3), torch.tensor([0, 1, 2, 3]), lr=1e-4, max_grad_norm=1.0)
     assert losses[-1] < losses[0], losses
 
 
@@ -294,6 +289,10 @@ def test_a_saved_timm_wrapper_converts_as_the_timm_model_it_wraps(tmp_path):
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
     model.save_pretrained(tmp_path / "bcos")
     assert BcosForImageClassification.from_pretrained(tmp_path / "bcos").config.backbone_config.architecture_kwargs["stem_width"] == 16
+    from_instance = bcosify_pretrained(wrapper, b=1, keep_bias=True, image_size=64)
+    assert from_instance.config.backbone_config.to_dict() == config.to_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(from_instance(x).logits, model(x).logits)
 
 
 def test_an_unknown_timm_architecture_is_refused_before_loading(tmp_path):

@@ -15,6 +15,19 @@ def mean_and_spread(values: list, percent: bool = False) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def gridpg_cell(result: Optional[dict]) -> str:
+    """A GridPG result (`grid_pointing_game`) as a table cell: **mean** / median (quartiles), and
+    how many grids were built where fewer than asked; "n/a" for None."""
+    if result is None:
+        return "n/a"
+    if result["num_grids_built"] == 0:
+        return f"no grid (0 of {result['num_grids_requested']})"
+    cell = f"**{result['mean']:.3f}** / {result['median']:.3f} ({result['q1']:.2f}–{result['q3']:.2f})"
+    if result["num_grids_built"] < result["num_grids_requested"]:
+        cell += f", {result['num_grids_built']} of {result['num_grids_requested']} grids"
+    return cell
+
+
 def write_marked_section(path: str, name: str, text: str) -> None:
     """Replace what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path`` by
     ``text``; a SystemExit naming the markers when the file lacks them (nothing is written)."""
