@@ -341,3 +341,13 @@ def test_a_library_model_of_other_arguments_saves_but_needs_its_module_to_load(t
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_inception_re_normalising_its_own_input_is_refused_with_what_to_do():
+    """torchvision's pretrained Inception-v3 has transform_input=True: it re-normalises its input
+    channels itself, which the encoding [x, 1 - x] cannot pass through."""
+    import torchvision
+
+    source = torchvision.models.inception_v3(weights=None, num_classes=NUM_CLASSES, aux_logits=False, init_weights=False, transform_input=True)
+    with pytest.raises(ValueError, match=r"transform_input=True.*Set module.transform_input = False and pass image_mean=\[0.5, 0.5, 0.5\]"):
+        bcosify_pretrained(source.eval(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, image_size=96)

@@ -310,3 +310,13 @@ def test_in_place_activations_after_bcos_layers_train_and_explain_as_out_of_plac
         torch.testing.assert_close(gradients[0][name], gradients[1][name])
     explanations = [model.eval().explain(x, target=1) for model in models]
     torch.testing.assert_close(explanations[0].contributions, explanations[1].contributions)
+
+
+def test_a_conversion_whose_output_underflows_to_zero_says_completeness_was_not_measured():
+    """Contributions that are all 0 sum to an output of 0: the check would pass having measured
+    nothing. (Random deep models at b = 2 get there: EfficientNet-B0's logits are 0 in float64.)"""
+    cnn = small_cnn(3)
+    with torch.no_grad():
+        cnn.classifier[-1].weight.zero_()
+    with pytest.warns(UserWarning, match="exactly 0 in float64.*completeness could not be measured"):
+        convert(cnn)

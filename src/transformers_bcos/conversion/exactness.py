@@ -9,6 +9,7 @@ are named with their relative error.
 """
 
 import copy
+import warnings
 from typing import Optional
 
 import torch
@@ -59,6 +60,13 @@ def check_exactness(model: nn.Module, source: Optional[nn.Module] = None, mean=N
     errors = {}
     if not check_model.config.use_bias:  # additive terms are not attributed to pixels
         explanation = check_model.explain(x)
+        if not explanation.contributions.any():
+            warnings.warn(
+                "The converted model's output on the check image is exactly 0 in float64 (each B-cos layer shrinks the "
+                "signal by |cos(w, x)|; without norms to rescale it, it can underflow): completeness could not be "
+                "measured. Re-estimate its batch-norm statistics or fine-tune it before relying on its explanations.",
+                stacklevel=3,
+            )
         scale = torch.maximum(explanation.explained_output.abs(), explanation.contributions.abs().sum((1, 2)))
         errors["completeness"] = relative_error(explanation.contributions.sum((1, 2)), explanation.explained_output, scale)
     if source is not None:
