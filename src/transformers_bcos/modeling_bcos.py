@@ -450,25 +450,31 @@ class BcosPlainModuleArchitecture(BcosSourceArchitecture):
         return logits_of(self.model(encoded_pixel_values)), None
 
 
+def library_with_architecture(library_name: str, name: str):
+    """The module of ``library_name`` ("timm", or "torchvision" for ``torchvision.models``) that
+    builds the model ``name``, imported here (only these models need it); a ValueError for a name
+    the library does not know."""
+    library = __import__("timm" if library_name == "timm" else "torchvision.models", fromlist=["_"])
+    if library_name == "timm" and not library.is_model(name):
+        raise ValueError(f"Unknown timm architecture {name!r} (timm {library.__version__} has no model of that name).")
+    if library_name == "torchvision" and name not in library.list_models(module=library):
+        raise ValueError(f"Unknown torchvision classification model {name!r} (torchvision.models.list_models() names them).")
+    return library
+
+
 def build_library_model(config) -> nn.Module:
     """The timm or torchvision model named by a `PlainModuleConfig` (``library``,
-    ``architecture``, ``architecture_kwargs``), with random weights. The library is imported
-    here: only these models need it."""
-    name, kwargs = config.architecture, config.architecture_kwargs
+    ``architecture``, ``architecture_kwargs``), with random weights."""
     try:
-        library = __import__("timm" if config.library == "timm" else "torchvision.models", fromlist=["_"])
+        library = library_with_architecture(config.library, config.architecture)
     except ImportError:
         raise ImportError(
-            f"This B-cos model is the {config.library} model {name!r} B-cosified: loading it needs {config.library} "
-            f"(pip install 'transformers-bcos[timm]', which installs timm and torchvision)."
+            f"This B-cos model is the {config.library} model {config.architecture!r} B-cosified: loading it needs "
+            f"{config.library} (pip install 'transformers-bcos[timm]', which installs timm and torchvision)."
         ) from None
     if config.library == "timm":
-        if not library.is_model(name):
-            raise ValueError(f"Unknown timm architecture {name!r} (timm {library.__version__} has no model of that name).")
-        return library.create_model(name, pretrained=False, **kwargs)
-    if name not in library.list_models(module=library):
-        raise ValueError(f"Unknown torchvision classification model {name!r} (torchvision.models.list_models() names them).")
-    return library.get_model(name, weights=None, **kwargs)
+        return library.create_model(config.architecture, pretrained=False, **config.architecture_kwargs)
+    return library.get_model(config.architecture, weights=None, **config.architecture_kwargs)
 
 
 def logits_of(output) -> torch.Tensor:

@@ -296,15 +296,16 @@ def _is_clip_source(src, **kwargs) -> bool:
     return False
 
 
-def _plain_module_config(module: nn.Module, image_mean, image_std, image_size, record: Optional[tuple] = None) -> tuple:
+def _plain_module_config(module: nn.Module, image_mean, image_std, image_size, record: Optional[tuple] = None, data_config=None) -> tuple:
     """(PlainModuleConfig, number of classes, mean, std) of a plain PyTorch classifier, validated:
     the normalisation has one value per channel, and the module maps such pixels to (1, K) logits.
 
-    A timm model's own data config supplies what is not passed. A timm or torchvision model is
-    recorded with the library, architecture and arguments that rebuild it (``record``, or found by
-    `library_record`), so that its saved folder loads without the module.
+    A timm model's own data config (``data_config``, or its ``pretrained_cfg``) supplies what is
+    not passed. A timm or torchvision model is recorded with the library, architecture and
+    arguments that rebuild it (``record``, or found by `library_record`), so that its saved folder
+    loads without the module.
     """
-    data_config = timm_data_config(module)
+    data_config = data_config or timm_data_config(module)
     if data_config is not None:
         mean, std, size = data_config_settings(data_config)
         image_mean, image_std, image_size = image_mean or mean, image_std or std, image_size or size
@@ -487,12 +488,8 @@ def bcosify_pretrained(
         unexpected = ["image_processor"] * (image_processor is not None) + sorted(from_pretrained_kwargs)
         raise ValueError(f"{', '.join(unexpected)} do not apply to a plain PyTorch module (pass image_mean=, image_std=, image_size=).")
     if plain_module or timm_wrapper:
-        source, labels, record = src, None, None
-        if timm_wrapper:
-            source, data_config, labels, record = load_timm_wrapper(src, **from_pretrained_kwargs)
-            mean, std, size = data_config_settings(data_config)
-            image_mean, image_std, image_size = image_mean or mean, image_std or std, image_size or size
-        backbone_config, num_labels, mean, std = _plain_module_config(source, image_mean, image_std, image_size, record)
+        source, data_config, labels, record = load_timm_wrapper(src, **from_pretrained_kwargs) if timm_wrapper else (src, None, None, None)
+        backbone_config, num_labels, mean, std = _plain_module_config(source, image_mean, image_std, image_size, record, data_config)
         labels = labels or {"num_labels": num_labels}
         processor_dict = _resizing_processor(backbone_config) if backbone_config.library else None
     else:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from ..modeling_bcos import library_with_architecture
+
 TIMM_WRAPPER_TYPE = "timm_wrapper"
 INSTALL_HINT = "pip install 'transformers-bcos[timm]' (timm and torchvision)"
 
@@ -25,13 +27,6 @@ def require_timm(what: str) -> None:
         import timm  # noqa: F401
     except ImportError:
         raise ImportError(f"{what} is a timm model: B-cosifying it needs timm. Install it with {INSTALL_HINT}.") from None
-
-
-def check_timm_architecture(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name):
-        raise ValueError(f"Unknown timm architecture {name!r}: timm {timm.__version__} has no model of that name.")
 
 
 def is_timm_wrapper(src, **from_pretrained_kwargs) -> bool:
@@ -54,13 +49,11 @@ def load_timm_wrapper(src, **from_pretrained_kwargs) -> tuple:
     if isinstance(src, PreTrainedModel):
         wrapper = src
     else:
-        config = AutoConfig.from_pretrained(src, **from_pretrained_kwargs)
-        check_timm_architecture(config.architecture)
+        library_with_architecture("timm", AutoConfig.from_pretrained(src, **from_pretrained_kwargs).architecture)
         wrapper = TimmWrapperForImageClassification.from_pretrained(src, **from_pretrained_kwargs)
     if not isinstance(wrapper, TimmWrapperForImageClassification):
         raise ValueError(f"Unsupported model class {type(wrapper).__name__}: B-cosification converts TimmWrapperForImageClassification.")
     config = wrapper.config
-    check_timm_architecture(config.architecture)
     data_config = getattr(config, "pretrained_cfg", None) or wrapper.timm_model.pretrained_cfg
     names = config.id2label
     labels = {"id2label": dict(names), "label2id": {name: i for i, name in names.items()}} if names else {"num_labels": config.num_labels}
