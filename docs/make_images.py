@@ -47,7 +47,8 @@ def unit_figure(model_folder: str, image_path: str, out_path: str, channels_per_
 
     model = BcosForImageClassification.from_pretrained(model_folder).eval()
     pixel_values = AutoImageProcessor.from_pretrained(model_folder)(images=Image.open(image_path).convert("RGB"), return_tensors="pt")["pixel_values"]
-    stages = [name for name, _ in model.named_modules() if name.count(".") == 2 and name.startswith("backbone.stages.")]
+    prefix = "backbone.model.resnet.encoder.stages."
+    stages = [name for name, _ in model.named_modules() if name.startswith(prefix) and "." not in name[len(prefix) :]]
     panels = []
     for layer in (stages[0], stages[-1]):
         with captured_output(model.get_submodule(layer)) as captured, torch.no_grad():

@@ -1,4 +1,4 @@
-"""Exact conversion: each converter rule, and whole models of every supported family."""
+"""Exact conversion: each module-type rule, and whole models of the first four families."""
 
 import copy as copy_module
 
@@ -9,32 +9,18 @@ from torch import nn
 from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 from transformers_bcos import BcosForImageClassification, bcosify_pretrained
-from transformers_bcos.conversion import (
-    convert_batchnorm,
-    convert_conv,
-    convert_input_conv,
-    convert_layernorm,
-    convert_linear,
-    pair_units,
-)
-from transformers_bcos.layers import (
-    BcosBatchNorm2d,
-    BcosConv2d,
-    BcosLayerNorm,
-    BcosLinear,
-    DetachableActivation,
-    encode_pixel_values,
-)
+from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+
+from transformers_bcos.conversion import fold_normalization
+from transformers_bcos.explanation import explanation_mode
+from transformers_bcos.layers import BcosBatchNorm2d, BcosConv2d, BcosLayerNorm, BcosLinear, encode_pixel_values
+from transformers_bcos.rules import GatedActivation, bcosify_modules
 
 
 def normalize(x):
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def copy(tensor):
-    return tensor.detach().clone()
 
 
 def max_rel_diff(a, b):
@@ -44,32 +30,39 @@ def max_rel_diff(a, b):
 # ----------------------------------------------------------------- one exactness test per rule
 
 
+def bcosified(module: nn.Module, b: float = 1.0, keep_bias: bool = True) -> nn.Module:
+    """A copy of ``module`` (inside a container, so that wrapping rules can replace it) B-cosified."""
+    container = nn.Sequential(copy_module.deepcopy(module))
+    assert bcosify_modules(container, b, keep_bias) == []
+    return container
+
+
 @pytest.mark.parametrize("groups,padding,stride", [(1, 1, 1), (1, 3, 2), (4, 3, 1)])
 def test_conv_rule_is_exact_at_b1(groups, padding, stride):
     torch.manual_seed(0)
     source = nn.Conv2d(8, 8, 7 if padding == 3 else 3, stride=stride, padding=padding, groups=groups, bias=True)
-    target = BcosConv2d(8, 8, source.kernel_size, stride=stride, padding=padding, groups=groups, bias=True, b=1.0)
-    with torch.no_grad():
-        convert_conv(source, target, copy)
+    target = bcosified(source)
+    assert isinstance(target[0], BcosConv2d)
     x = torch.randn(2, 8, 15, 15)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
 
 
-def test_input_conv_rule_folds_normalisation_exactly_including_padded_borders():
+def test_input_conv_folds_normalisation_exactly_including_padded_borders():
     torch.manual_seed(0)
     source = nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=True)
     target = BcosConv2d(6, 4, 7, stride=2, padding=3, bias=True, b=1.0)
     with torch.no_grad():
-        convert_input_conv(source, target, copy, IMAGENET_MEAN, IMAGENET_STD)
+        target.weight.copy_(fold_normalization(source.weight, IMAGENET_MEAN, IMAGENET_STD))
+        target.bias.copy_(source.bias)
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(target(encode_pixel_values(x)), source(normalize(x)), rtol=0, atol=1e-5)
 
 
 def test_linear_rule_is_exact_at_b1():
     torch.manual_seed(0)
-    source, target = nn.Linear(6, 5), BcosLinear(6, 5, bias=True, b=1.0)
-    with torch.no_grad():
-        convert_linear(source, target, copy)
+    source = nn.Linear(6, 5)
+    target = bcosified(source)
+    assert isinstance(target[0], BcosLinear)
     x = torch.randn(3, 4, 6)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
 
@@ -83,14 +76,13 @@ def test_batchnorm_rule_is_exact_when_centered(training):
         source.running_var.uniform_(0.5, 2)
         source.weight.normal_()
         source.bias.normal_()
-    target = BcosBatchNorm2d(4, centered=True)
-    with torch.no_grad():
-        convert_batchnorm(source, target, copy)
+    target = bcosified(source)
+    assert isinstance(target[0], BcosBatchNorm2d) and target[0].centered
     source.train(training)
     target.train(training)
     x = torch.randn(3, 4, 5, 5)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
-    torch.testing.assert_close(target.running_var, source.running_var)
+    torch.testing.assert_close(target[0].running_var, source.running_var)
 
 
 def test_uncentered_batchnorm_divides_by_running_std_only():
@@ -109,25 +101,27 @@ def test_uncentered_batchnorm_divides_by_running_std_only():
 @pytest.mark.parametrize("channels_first", [False, True])
 def test_layernorm_rule_is_exact_with_bias(channels_first):
     torch.manual_seed(0)
-    source = nn.LayerNorm(6, eps=1e-6)
+    source = ConvNextLayerNorm(6, eps=1e-6, data_format="channels_first" if channels_first else "channels_last")
     with torch.no_grad():
         source.weight.normal_()
         source.bias.normal_()
-    target = BcosLayerNorm(6, eps=1e-5, bias=True, channels_first=channels_first)
-    with torch.no_grad():
-        convert_layernorm(source, target, copy)
+    target = bcosified(source)
+    assert isinstance(target[0], BcosLayerNorm) and target[0].channels_first == channels_first
     x = torch.randn(2, 6, 4, 4) if channels_first else torch.randn(2, 4, 6)
-    expected = source(x.movedim(1, -1)).movedim(-1, 1) if channels_first else source(x)
-    torch.testing.assert_close(target(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,reference", [("gelu", nn.GELU()), ("relu", nn.ReLU()), ("silu", nn.SiLU()), ("gelu_new", nn.GELU("tanh"))])
-def test_activation_rule_matches_standard_and_is_gate_times_input(name, reference):
-    activation = DetachableActivation(name)
-    x = torch.randn(100)
+@pytest.mark.parametrize("reference", [nn.GELU(), nn.ReLU(), nn.SiLU(), nn.GELU("tanh")], ids=["gelu", "relu", "silu", "gelu_tanh"])
+def test_activation_rule_matches_standard_and_is_gate_times_input(reference):
+    activation = bcosified(reference)
+    assert isinstance(activation[0], GatedActivation)
+    x = torch.randn(100, requires_grad=True)
     torch.testing.assert_close(activation(x), reference(x))
-    activation.explanation_mode = True
-    torch.testing.assert_close(activation(x), reference(x), rtol=1e-5, atol=1e-6)
+    with explanation_mode(activation):
+        y = activation(x)
+        (gradient,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient * x, y.detach(), rtol=1e-5, atol=1e-6)  # the gate is a constant: y = gate·x
 
 
 # ------------------------------------------------------------------------- whole models
@@ -188,11 +182,32 @@ def test_conversion_leaves_the_source_untouched_and_fails_before_writing(source_
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
-def test_pairing_checks_shapes():
-    source, _ = tiny_source_model("vit")
-    target, _ = tiny_source_model("deit")
-    with pytest.raises(ValueError, match="Cannot convert"):
-        pair_units(source, target)
+def test_a_source_tensor_of_another_shape_is_refused_by_key(source_folders):
+    source = AutoModelForImageClassification.from_pretrained(source_folders["convnext"])
+    layer_scale = next(name for name, p in source.named_parameters() if name.endswith("layer_scale_parameter"))
+    module_name, _, tensor_name = layer_scale.rpartition(".")
+    setattr(source.get_submodule(module_name), tensor_name, nn.Parameter(torch.ones(3)))
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    with pytest.raises(ValueError, match=rf"Cannot convert ConvNextForImageClassification: '{layer_scale}' has shape \(3,\)"):
+        bcosify_pretrained(source, image_processor=processor)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_a_deit_built_in_code_converts_with_its_own_classifier(with_teacher):
+    """A config built in code names no class, and DeiT has two image classifiers: the conversion
+    rebuilds the source's own (the one with the distillation head too)."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    source, processor = tiny_source_model("deit")
+    if with_teacher:
+        torch.manual_seed(0)
+        source = DeiTForImageClassificationWithTeacher(DeiTConfig(**source.config.to_diff_dict())).eval()
+    source.config.architectures = None
+    model = bcosify_pretrained(source, b=1.0, keep_bias=True, image_processor=processor)
+    assert type(model.backbone.model) is type(source)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_diff(model(x).logits, source(pixel_values=normalize(x)).logits) <= 1e-4
 
 
 @pytest.mark.parametrize("bad_b", [0, -1.0, float("nan"), float("inf"), True])
@@ -221,6 +236,8 @@ def test_from_scratch_model_builds_and_round_trips(family, tmp_path):
     config = BcosConfig(backbone_config=source.config, num_labels=3)
     model = BcosForImageClassification(config).eval()
     assert config.normalize_weights is True and config.use_bias is False
+    layers = [m for m in model.modules() if isinstance(m, (BcosConv2d, BcosLinear))]
+    assert layers and all(layer.normalize_weights for layer in layers)  # unit-norm filters, as B-cos v2 trains from scratch
     x = torch.rand(2, 3, 32, 32)
     model.save_pretrained(tmp_path)
     loaded = BcosForImageClassification.from_pretrained(tmp_path).eval()

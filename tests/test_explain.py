@@ -5,7 +5,8 @@ import torch
 from conftest import FAMILIES, NUM_LABELS, completeness_error
 
 from transformers_bcos import bcosify_pretrained, explanation_mode
-from transformers_bcos.layers import DetachableActivation, ExplainableModule
+from transformers_bcos.layers import ExplainableModule
+from transformers_bcos.rules import GatedActivation
 
 MIXED_TARGETS = torch.tensor([0, 1, 2, 3, 4, 0, 2, 4])
 
@@ -51,7 +52,7 @@ def test_completeness_is_exact_in_float64(family, models, mnist_images):
 @pytest.mark.parametrize("family", ["vit", "convnext"])
 def test_an_undetached_gate_breaks_completeness(family, models, mnist_images, monkeypatch):
     """The completeness test can fail: with the activation gate left attached it does."""
-    monkeypatch.setattr(DetachableActivation, "forward", lambda self, x: self.function(x))
+    monkeypatch.setattr(GatedActivation, "forward", lambda self, x: self.activation(x))
     e = models[family]["b1_no_bias"].double().explain(mnist_images[0][:4].double(), target=1)
     models[family]["b1_no_bias"].float()
     assert completeness_error(e.contributions, e.explained_output) > 1e-6

@@ -25,6 +25,7 @@ from transformers import ConvNextConfig, DeiTConfig, ResNetConfig, ViTConfig
 
 from transformers_bcos import BcosConfig, BcosForImageClassification, bcosify_pretrained
 from transformers_bcos.conversion.clip import bcosify_clip
+from transformers_bcos.layers import BcosLinear
 from transformers_bcos.modeling_bcos import BcosImageClassifierOutput
 
 TARGETS = torch.arange(8) % NUM_LABELS
@@ -61,7 +62,8 @@ def scaled_to(model, images, size: float) -> BcosForImageClassification:
     bias-free logit on ``images`` is ``size``."""
     with torch.no_grad():
         largest = model(images).bias_free_logits.abs().max()
-        model.classifier.weight.mul_((size / largest).sqrt())
+        head = [module for module in model.modules() if isinstance(module, BcosLinear)][-1]  # the source's classifier
+        head.weight.mul_((size / largest).sqrt())
     return model
 
 

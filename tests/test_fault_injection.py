@@ -47,8 +47,18 @@ def _rewrite_weights(folder, edit):
     save_file(weights, path, metadata={"format": "pt"})
 
 
+# The ResNet's classification head: transformers' ResNetForImageClassification.classifier[1].
+HEAD_WEIGHT = "backbone.model.classifier.1.weight"
+
+
 def _missing_one(folder, good):
-    _rewrite_weights(_copy(good, folder), lambda w: {k: v for k, v in w.items() if k != "classifier.weight"})
+    _rewrite_weights(_copy(good, folder), lambda w: {k: v for k, v in w.items() if k != HEAD_WEIGHT})
+
+
+def _hand_written_layout(folder, good):
+    """The keys of the hand-written ResNet backbone of transformers-bcos before it classified with
+    transformers' own head: ``classifier.weight`` beside ``backbone.*``."""
+    _rewrite_weights(_copy(good, folder), lambda w: {("classifier.weight" if k == HEAD_WEIGHT else k): v for k, v in w.items()})
 
 
 def _missing_half(folder, good):
@@ -105,11 +115,12 @@ def _no_config(folder, good):
 
 # case -> (how to break a copy of the good folder, exception type, words the message holds)
 BROKEN_CHECKPOINTS = {
-    "a missing tensor": (_missing_one, CheckpointWeightsError, ["missing classifier.weight"]),
+    "a missing tensor": (_missing_one, CheckpointWeightsError, [f"missing {HEAD_WEIGHT}"]),
+    "a hand-written backbone's layout": (_hand_written_layout, CheckpointWeightsError, ["hand-written", "trust_remote_code=True", "bcosify_pretrained"]),
     "half the tensors missing": (_missing_half, CheckpointWeightsError, ["missing ", " more"]),
     "renamed keys": (_renamed, CheckpointWeightsError, ["missing backbone.", "unexpected model."]),
     "config of another backbone": (_another_backbone, CheckpointWeightsError, ["vit", "missing ", "unexpected "]),
-    "another number of labels": (_other_num_labels, CheckpointWeightsError, ["classifier.weight (5, 16) (model: (7, 16))"]),
+    "another number of labels": (_other_num_labels, CheckpointWeightsError, [f"{HEAD_WEIGHT} (5, 16) (model: (7, 16))"]),
     "truncated model.safetensors": (_truncated, OSError, ["model.safetensors cannot be read"]),
     "empty model.safetensors": (_empty, OSError, ["model.safetensors cannot be read"]),
     "header-only model.safetensors": (_header_only, CheckpointWeightsError, ["missing "]),
@@ -175,7 +186,7 @@ def test_a_shape_mismatch_is_replaced_only_when_asked(broken_checkpoints):
     model = BcosForImageClassification.from_pretrained(
         broken_checkpoints["another number of labels"], ignore_mismatched_sizes=True
     )
-    assert model.classifier.weight.shape == (7, 16)
+    assert model.get_parameter(HEAD_WEIGHT).shape == (7, 16)
 
 
 def test_broken_weights_are_refused_without_the_package_too(broken_checkpoints):
@@ -189,7 +200,7 @@ def test_broken_weights_are_refused_without_the_package_too(broken_checkpoints):
             print(type(error).__name__, error)
         """
     )
-    assert output.startswith("CheckpointWeightsError") and "missing classifier.weight" in output
+    assert output.startswith("CheckpointWeightsError") and f"missing {HEAD_WEIGHT}" in output
 
 
 # ----------------------------------------------------------------------------------------------

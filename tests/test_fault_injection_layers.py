@@ -28,7 +28,6 @@ from transformers_bcos.layers import (
     SeparableMaxPool2d,
     _BoxSum,
     _LayerNormDetachedStd,
-    _RecomputedSquareScaleLinear,
     _ResponseAndSumOfSquares,
     _SeparableMaxPool,
     _SquareScale,
@@ -237,14 +236,6 @@ def test_square_scale_node(overwrite):
     assert_matches_plain(fast, square_scale, [out, inv_norm])
 
 
-def test_recomputed_square_scale_linear_node():
-    x, weight, bias = spiky((3, 5, 8), 0.05, seed=0), spiky((6, 8), 0.1, seed=1, specials=FINITE), spiky((6,), 0.3, seed=2, specials=FINITE)
-    inv_norm = spiky((3, 5, 1), 0.3, seed=3, specials=(1e6, 1.0, 0.0, NAN)).abs()
-    assert_matches_plain(
-        _RecomputedSquareScaleLinear.apply, lambda x, w, b, i: square_scale(F.linear(x, w, b), i), [x, weight, bias, inv_norm]
-    )
-
-
 @pytest.mark.parametrize("dim, shape", [(1, (2, 5, 6, 6)), (-1, (4, 3, 16))])
 def test_sum_of_squares_node(dim, shape):
     assert_matches_plain(lambda x: _SumOfSquares.apply(x, dim), lambda x: x.square().sum(dim, keepdim=True), [spiky(shape, 0.05, seed=0)])
@@ -369,10 +360,9 @@ def test_bcos_conv_in_training_matches_its_definition(geometry, values):
     assert_matches_plain(lambda x, w: torch.func.functional_call(conv, {"weight": w}, (x,)), plain_bcos_conv(conv), [x, weight])
 
 
-@pytest.mark.parametrize("recompute_response", [False, True])
 @pytest.mark.parametrize("values", ["special", "overflowing"])
-def test_bcos_linear_in_training_matches_its_definition(recompute_response, values):
-    linear = BcosLinear(8, 6, recompute_response=recompute_response)
+def test_bcos_linear_in_training_matches_its_definition(values):
+    linear = BcosLinear(8, 6)
     specials = SPECIALS if values == "special" else (3e19, -3e19, NAN, 0.0, 1.0)
     x = spiky((3, 5, 8), 0.05, seed=0, specials=specials)
     weight = linear.weight.detach() * (1e-20 if values == "overflowing" else 1.0)
@@ -381,20 +371,6 @@ def test_bcos_linear_in_training_matches_its_definition(recompute_response, valu
         return square_scale(F.linear(x, w), torch.rsqrt(x.square().sum(-1, keepdim=True) + NORM_EPS))
 
     assert_matches_plain(lambda x, w: torch.func.functional_call(linear, {"weight": w}, (x,)), plain, [x, weight])
-
-
-def test_bcos_linear_with_a_shared_inverse_norm_matches_its_definition():
-    """Attention's q, k and v projections share one inverse norm, built with the graph."""
-    linear = BcosLinear(8, 6)
-    x = spiky((3, 5, 8), 0.05, seed=0)
-
-    def fast(x, w):
-        return torch.func.functional_call(linear, {"weight": w}, (x, BcosLinear.inverse_input_norm(x)))
-
-    def plain(x, w):
-        return square_scale(F.linear(x, w), torch.rsqrt(x.square().sum(-1, keepdim=True) + NORM_EPS))
-
-    assert_matches_plain(fast, plain, [x, linear.weight.detach()])
 
 
 def test_uncentered_batch_norm_layer_in_training_matches_its_definition():

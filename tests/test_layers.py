@@ -1,5 +1,7 @@
 """B-cos layers: the input norm, the hand-written backward passes, explanation mode."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +12,6 @@ from transformers_bcos.layers import (
     BcosConv2d,
     BcosLayerNorm,
     BcosLinear,
-    BcosMlp,
-    BcosSelfAttention,
     SeparableMaxPool2d,
     encode_pixel_values,
 )
@@ -51,15 +51,14 @@ def test_conv_output_and_gradients_match_autograd_of_the_definition(geometry):
     torch.testing.assert_close(conv(x), out * out.abs() / conv.input_norm(x))
 
 
-@pytest.mark.parametrize("contiguous", [True, False])  # ResNet's classifier reads a permuted feature map
-def test_linear_gradients_and_shared_norm(contiguous):
+@pytest.mark.parametrize("contiguous", [True, False])  # a linear layer may read a permuted feature map
+def test_linear_gradients(contiguous):
     torch.manual_seed(0)
     linear = BcosLinear(5, 3, b=2.0).double()
     x = torch.randn(2, 4, 5, dtype=torch.double) if contiguous else torch.randn(2, 5, 4, dtype=torch.double).transpose(1, 2)
     assert x.is_contiguous() == contiguous
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: linear(x), (x, linear.weight))
-    torch.testing.assert_close(linear(x, BcosLinear.inverse_input_norm(x)), linear(x))
     torch.testing.assert_close(BcosLinear.inverse_input_norm(x), 1 / BcosLinear.input_norm(x))
     b15 = BcosLinear(5, 3, b=1.5).double()
     assert torch.autograd.gradcheck(lambda x: b15(x), (x,))
@@ -88,19 +87,6 @@ def test_uncentered_batchnorm_training_matches_its_definition(sliced, monkeypatc
     torch.testing.assert_close(bn.running_var, reference.running_var)
     torch.testing.assert_close(bn.running_mean, reference.running_mean)
     assert int(bn.num_batches_tracked) == 1
-
-
-def test_attention_matrix_is_detached_in_explanation_mode():
-    torch.manual_seed(0)
-    attention = BcosSelfAttention(8, 2, b=1.0).double()
-    x = torch.randn(1, 5, 8, dtype=torch.double, requires_grad=True)
-    with explanation_mode(attention):
-        y = attention(x)
-        (jacobian,) = torch.autograd.grad(y.sum(), x)
-    # Explanation mode: y is linear in x given the (detached) attention, so y.sum() = J·x.
-    torch.testing.assert_close((jacobian * x).sum(), y.sum())
-    (full,) = torch.autograd.grad(attention(x).sum(), x)
-    assert not torch.allclose(full, jacobian)
 
 
 @pytest.mark.parametrize("geometry", [CONV_GEOMETRIES[0], CONV_GEOMETRIES[2], CONV_GEOMETRIES[5]])
@@ -177,80 +163,29 @@ def test_explanation_mode_layer_norm_is_the_definition_with_its_std_detached(cha
     assert not torch.allclose(got[0], standard, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", "quick_gelu"])
-@pytest.mark.parametrize("b", [2.0, 1.5])
-def test_explanation_mode_mlp_keeps_one_hidden_factor(activation, b):
-    """In explanation mode the MLP multiplies the hidden response by one constant (B-cos factor
-    times activation gate): the layers' values and gradients, with one hidden-sized tensor kept
-    for the backward pass where the two layers one after the other keep two."""
+def test_float16_layer_norm_in_explanation_mode_survives_a_token_of_zero_variance():
+    """1/std of a constant token is 1/sqrt(eps) = 1e6 for eps = 1e-12 (ViT's), beyond float16's
+    range: the gradients are float32's rounded to float16, not NaN (a DeiT built from a config has
+    zero class tokens)."""
     torch.manual_seed(0)
-    mlp = BcosMlp(6, 24, activation, b=b).double().requires_grad_(False)  # frozen, as in explain()
-    x = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
+    norm = BcosLayerNorm(8, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+    x = torch.randn(3, 8)
+    x[0] = 0.0  # the zero token
+    grad = torch.randn(3, 8) * 1e-3
 
-    def hidden_sized_saved(fn):
-        kept = []
+    def gradients(dtype):
+        layer = copy.deepcopy(norm).to(dtype)
+        inputs = x.to(dtype).requires_grad_()
+        with explanation_mode(layer):
+            y = layer(inputs)
+        return [g.float() for g in torch.autograd.grad(y, (inputs, layer.weight), grad.to(dtype))]
 
-        def pack(t):
-            if t.shape == (2, 5, 24):
-                kept.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fn(x)
-        return y, len(kept)
-
-    with explanation_mode(mlp):
-        expected, unfused_kept = hidden_sized_saved(lambda x: mlp.fc2(mlp.activation(mlp.fc1(x))))
-        y, fused_kept = hidden_sized_saved(mlp)
-        grad = torch.randn_like(y)
-        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(torch.autograd.grad(y, x, grad), torch.autograd.grad(expected, x, grad), rtol=1e-12, atol=1e-12)
-    assert (unfused_kept, fused_kept) == (2, 1)
-
-
-def test_linear_with_recomputed_response_matches_and_keeps_no_output():
-    """recompute_response: the same values and gradients (gradcheck in float64, and the standard
-    path's under bf16 autocast), with the output no longer kept for the backward pass."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
-    recomputed = BcosLinear(5, 3, bias=True, recompute_response=True).double()
-    standard = BcosLinear(5, 3, bias=True).double()
-    standard.load_state_dict(recomputed.state_dict())
-    assert torch.autograd.gradcheck(lambda x, w, b: recomputed(x), (x, recomputed.weight, recomputed.bias))
-
-    def kept_outputs(layer, x):
-        kept = []
-
-        def pack(t):
-            kept.append(t.shape == (*x.shape[:-1], 3))
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer(x)
-        return y, sum(kept)
-
-    (y, recomputed_kept), (expected, standard_kept) = kept_outputs(recomputed, x), kept_outputs(standard, x)
-    assert (recomputed_kept, standard_kept) == (0, 1)
-    grad = torch.randn_like(y)
-    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(
-        torch.autograd.grad(y, (x, recomputed.weight, recomputed.bias), grad),
-        torch.autograd.grad(expected, (x, standard.weight, standard.bias), grad),
-        rtol=1e-12,
-        atol=1e-12,
-    )
-
-    recomputed.float(), standard.float()
-    x = x.detach().float().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, expected = recomputed(x), standard(x)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-3)  # bf16 products of two kernels
-    grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, recomputed.weight, recomputed.bias), grad)
-    want = torch.autograd.grad(expected, (x, standard.weight, standard.bias), grad)
-    assert [g.dtype for g in got] == [w.dtype for w in want]
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    half, full = gradients(torch.float16), gradients(torch.float32)
+    assert all(torch.isfinite(g).all() for g in half)
+    for h, f in zip(half, full):
+        torch.testing.assert_close(h, f, rtol=2e-3, atol=2e-3 * f.abs().max().item())
 
 
 @pytest.mark.parametrize(

@@ -193,26 +193,36 @@ def test_training_uses_the_bcos_loss_with_one_over_c_off_labels():
 
 
 def test_recipe_defaults_follow_the_reference():
-    cnn, vit = recipe_defaults("resnet"), recipe_defaults("vit")
+    cnn, vit = recipe_defaults("cnn"), recipe_defaults("vit")
     assert (cnn.learning_rate, cnn.weight_decay, cnn.warmup_fraction, cnn.agc_clip_factor) == (1e-4, 0.0, 0.0, 0.01)
     assert cnn.bn_reestimation_images > 0 and vit.bn_reestimation_images == 0
     assert vit.learning_rate == 1e-3 and vit.warmup_fraction > 0
-    assert recipe_defaults("resnet", small_data=True).learning_rate == 1e-3  # calibrated on MNIST (§7)
-    assert recipe_defaults("convnext", from_scratch=True).warmup_fraction == pytest.approx(5 / 90)
+    assert recipe_defaults("cnn", small_data=True).learning_rate == 1e-3  # calibrated on MNIST (§7)
+    assert recipe_defaults("cnn", from_scratch=True).warmup_fraction == pytest.approx(5 / 90)
     with pytest.raises(ValueError, match="Unknown model family"):
         recipe_defaults("vgg")
 
 
 @pytest.mark.parametrize(
     "model_type, family",
-    [("resnet", "resnet"), ("deit", "vit"), ("dinov2", "vit"), ("swin", "vit"), ("siglip", "vit"), ("regnet", "cnn"), ("efficientnet", "cnn")],
+    [
+        ("vit", "vit"),
+        ("deit", "vit"),
+        ("dinov2", "vit"),
+        ("swin", "vit"),
+        ("siglip", "vit"),
+        ("resnet", "cnn"),
+        ("convnext", "cnn"),
+        ("regnet", "cnn"),
+        ("efficientnet", "cnn"),
+    ],
 )
-def test_recipe_family_of_rules_architectures_is_by_kind(model_type, family):
-    """Hand-written backbones keep their family; rules architectures train as ViTs when they have
-    attention heads (SigLIP's are in its vision sub-config), else as CNNs."""
+def test_recipe_family_is_by_kind(model_type, family):
+    """Architectures train as ViTs when they have attention heads (SigLIP's are in its vision
+    sub-config), else as CNNs."""
     config = BcosConfig(backbone_config=AutoConfig.for_model(model_type, **RULE_FAMILY_CONFIGS.get(model_type, {})))
     assert recipe_family(config) == family
-    assert recipe_defaults(family) is recipe_defaults("vit" if family == "vit" else "resnet")
+    assert recipe_defaults(family) is recipe_defaults("vit" if family == "vit" else "cnn")
 
 
 def test_optimizer_excludes_gains_from_weight_decay_and_scheduler_warms_up_then_decays():

@@ -14,6 +14,8 @@ from transformers import pipeline
 from transformers_bcos import Unit, bcosify_pretrained, explanation_mode
 
 UNIT_FAMILIES = FAMILIES + ["dinov2", "efficientnet", "swin"]
+# Module names are the source architecture's own, under backbone.model.
+RESNET_STAGES = "backbone.model.resnet.encoder.stages"
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +102,18 @@ def test_batched_unit_explanations_equal_single_ones(models):
     "unit, error, message",
     [
         (lambda: Unit("backbone.no_such_module", channel=0), ValueError, r"no module named 'backbone\.no_such_module'"),
-        (lambda: Unit("backbone.stages.0", channel=10_000), ValueError, r"Channel 10000 is out of range: backbone\.stages\.0 has \d+ channels"),
-        (lambda: Unit("backbone.stages.0", channel=0, position=(99, 0)), ValueError, r"Position \(99, 0\) is outside backbone\.stages\.0's output grid"),
-        (lambda: Unit("backbone.stages.0"), ValueError, r"exactly one of channel .* or select"),
-        (lambda: Unit("backbone.stages.0", channel=-1), ValueError, r"channel must be a channel index >= 0"),
-        (lambda: Unit("backbone.stages.0", select=lambda out: out.sum()), ValueError, r"select must return one value per image"),
-        (lambda: Unit("backbone.stages.0", select=lambda out: out.detach().flatten(1).sum(1)), ValueError, r"does not depend on the pixels"),
-        (
-            lambda: Unit("backbone.stages.0.0.layer.0.convolution", channel=0),
-            ValueError,
-            r"did not run in the forward pass \(a fast path computes it inside its parent",
-        ),
+        (lambda: Unit(f"{RESNET_STAGES}.0", channel=10_000), ValueError, r"Channel 10000 is out of range: .*stages\.0 has \d+ channels"),
+        (lambda: Unit(f"{RESNET_STAGES}.0", channel=0, position=(99, 0)), ValueError, r"Position \(99, 0\) is outside .*stages\.0's output grid"),
+        (lambda: Unit(f"{RESNET_STAGES}.0"), ValueError, r"exactly one of channel .* or select"),
+        (lambda: Unit(f"{RESNET_STAGES}.0", channel=-1), ValueError, r"channel must be a channel index >= 0"),
+        (lambda: Unit(f"{RESNET_STAGES}.0", select=lambda out: out.sum()), ValueError, r"select must return one value per image"),
+        (lambda: Unit(f"{RESNET_STAGES}.0", select=lambda out: out.detach().flatten(1).sum(1)), ValueError, r"does not depend on the pixels"),
+        (lambda: Unit("backbone.model.unused", channel=0), ValueError, r"backbone\.model\.unused did not run in the forward pass"),
     ],
 )
 def test_bad_units_are_refused_in_one_line(models, unit, error, message):
-    model = models["resnet"]
+    model = copy.deepcopy(models["resnet"])
+    model.backbone.model.unused = torch.nn.Conv2d(1, 1, 1)  # a module its forward never calls
     with pytest.raises(error, match=message):
         model.explain(images(), target=unit())
 
@@ -123,8 +122,8 @@ def test_an_unknown_module_is_refused_before_any_forward(models):
     model = copy.deepcopy(models["resnet"])
     calls = []
     model.register_forward_pre_hook(lambda m, args: calls.append(1))
-    with pytest.raises(ValueError, match=r"no module named 'backbone\.stage\.0'\. Similar names: backbone\.stages\.0"):
-        model.explain(images(), target=Unit("backbone.stage.0", channel=0))
+    with pytest.raises(ValueError, match=r"no module named 'backbone\.model\.resnet\.encoder\.stage\.0'\. Similar names: backbone\.model\.resnet\.encoder\.stages\.0"):
+        model.explain(images(), target=Unit(f"{RESNET_STAGES[:-1]}.0", channel=0))
     assert calls == []
 
 
@@ -137,18 +136,18 @@ def test_the_pipeline_and_the_cli_explain_a_unit(source_folders, tmp_path):
     image = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
     image.save(tmp_path / "image.png")
     explain = pipeline("image-explanation", model=str(folder), trust_remote_code=True)
-    result = explain(str(tmp_path / "image.png"), unit="backbone.stages.1:3")
-    assert result["label"] == "backbone.stages.1:3" and result["target"] == 3
+    result = explain(str(tmp_path / "image.png"), unit="backbone.model.resnet.encoder.stages.1:3")
+    assert result["label"] == "backbone.model.resnet.encoder.stages.1:3" and result["target"] == 3
     assert result["completeness_error"] < 1e-4 * max(1.0, abs(result["explained_output"]))
     with pytest.raises(ValueError, match="unit and target both"):
-        explain(str(tmp_path / "image.png"), unit="backbone.stages.1:3", target=0)
+        explain(str(tmp_path / "image.png"), unit="backbone.model.resnet.encoder.stages.1:3", target=0)
 
     cli = [sys.executable, "-m", "transformers_bcos.cli", "explain", str(folder), str(tmp_path / "image.png"), "--out", str(tmp_path / "out")]
-    done = subprocess.run([*cli, "--unit", "backbone.stages.1:3"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cli, "--unit", "backbone.model.resnet.encoder.stages.1:3"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "explained backbone.stages.1:3: contributions sum to" in done.stdout and "unit value" in done.stdout
-    refused = subprocess.run([*cli, "--unit", "backbone.stages.9:3", "--overwrite"], capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "no module named 'backbone.stages.9'" in refused.stderr
+    assert "explained backbone.model.resnet.encoder.stages.1:3: contributions sum to" in done.stdout and "unit value" in done.stdout
+    refused = subprocess.run([*cli, "--unit", "backbone.model.resnet.encoder.stages.9:3", "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "no module named 'backbone.model.resnet.encoder.stages.9'" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
@@ -156,7 +155,7 @@ def test_a_unit_explanation_can_be_trained_through(models):
     """create_graph=True with a Unit target: the same contributions, with a graph to the parameters."""
     model = copy.deepcopy(models["convnext"])
     x = images()
-    unit = Unit("backbone.stages.0", channel=1)
+    unit = Unit("backbone.model.convnext.encoder.stages.0", channel=1)
     plain = model.explain(x, target=unit)
     differentiable = model.explain(x, target=unit, create_graph=True)
     torch.testing.assert_close(differentiable.contributions.detach(), plain.contributions, rtol=1e-10, atol=1e-14)

@@ -81,13 +81,13 @@ def check_model_location(location: str, role: str = "MODEL") -> None:
 
     from .model_card import is_hub_repo_id
 
-    from .modeling_bcos import check_weight_files
+    from .modeling_bcos import saved_weight_shapes
 
     path = os.path.expanduser(location)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CLIError(f"{role} {location} is not a saved model folder (no config.json).")
-        check_weight_files(path)
+        saved_weight_shapes(path)  # an OSError naming an unreadable weight file
     elif os.path.exists(path):
         raise CLIError(f"{role} {location} is a file; expected a model folder or a Hub id.")
     elif looks_like_local_path(location):
@@ -309,7 +309,7 @@ def parse_unit(unit: str, model):
 
     name, _, channel = unit.rpartition(":")
     if not name or not channel.isdigit():
-        raise CLIError(f"--unit {unit!r}: expected MODULE:CHANNEL, a module name of the model and a channel index (e.g. backbone.stages.1:5).")
+        raise CLIError(f"--unit {unit!r}: expected MODULE:CHANNEL, a module name of the model and a channel index (e.g. backbone.model.resnet.encoder.stages.1:5).")
     parsed = Unit(name, channel=int(channel))
     try:
         parsed.find_module(model)
@@ -851,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", metavar="IMAGE", nargs="+", help="Image files, or folders: every image file in them.")
     explain.add_argument("--target", metavar="LABEL|INDEX", help="The class to explain (default: the prediction). CLIP: a --text prompt or its index.")
     explain.add_argument(
-        "--unit", metavar="MODULE:CHANNEL", help="Explain a channel of a module's output (summed over positions) instead of a class, e.g. backbone.stages.1:5."
+        "--unit", metavar="MODULE:CHANNEL", help="Explain a channel of a module's output (summed over positions) instead of a class, e.g. backbone.model.resnet.encoder.stages.1:5."
     )
     explain.add_argument("--text", metavar="PROMPT", nargs="+", help="B-cos CLIP: texts to compare each image with; explains the image-text cosine.")
     explain.add_argument("--out", metavar="DIR", default="explanations", help="Output folder (default: ./explanations).")

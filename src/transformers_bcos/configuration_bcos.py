@@ -9,11 +9,12 @@ import math
 from transformers import AutoConfig, PretrainedConfig, ResNetConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-# transformers ``model_type`` of the architecture -> hand-written B-cos backbone, with fast paths
-# of its own. Every other image classifier of transformers is B-cosified by the module-type rules
-# (`rules.py`) over its own modules and forward: the "rules" family.
-SUPPORTED_BACKBONES = {"vit": "vit", "deit": "vit", "resnet": "resnet", "convnext": "convnext"}
+# Every image classifier of transformers is B-cosified by the module-type rules (`rules.py`) over
+# its own modules and forward: the "rules" family.
 RULES_FAMILY = "rules"
+# transformers' ViT and DeiT take the one input size their position embeddings were learned for
+# (unless asked to interpolate them); their B-cos models keep that size (`BcosConfig.image_size`).
+FIXED_SIZE_MODEL_TYPES = ("vit", "deit")
 # A plain PyTorch classifier (`PlainModuleConfig`), B-cosified by the same rules.
 PLAIN_MODULE_FAMILY = "module"
 
@@ -75,15 +76,13 @@ AutoConfig.register(PlainModuleConfig.model_type, PlainModuleConfig, exist_ok=Tr
 def backbone_family_of(model_type: str) -> str:
     """The B-cos backbone family of a transformers ``model_type``; a ValueError for a model type
     that has no image-classification model in transformers."""
-    if model_type in SUPPORTED_BACKBONES:
-        return SUPPORTED_BACKBONES[model_type]
     if model_type == PlainModuleConfig.model_type:
         return PLAIN_MODULE_FAMILY
     if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         return RULES_FAMILY
     raise ValueError(
         f"Unsupported backbone {model_type!r}: B-cos models mirror a transformers image classifier "
-        f"(a model type of AutoModelForImageClassification, such as {', '.join(sorted(SUPPORTED_BACKBONES))}, dinov2 or swin)."
+        f"(a model type of AutoModelForImageClassification, such as vit, resnet, convnext, dinov2 or swin)."
     )
 
 
@@ -91,11 +90,11 @@ class BcosConfig(PretrainedConfig):
     r"""Configuration of a [`BcosForImageClassification`] model.
 
     The architecture is described by ``backbone_config``, the configuration of the standard
-    transformers image classifier the B-cos network mirrors: a `ViTConfig`, `DeiTConfig`,
-    `ResNetConfig` or `ConvNextConfig` (hand-written B-cos backbones), or the config of any other
-    model of `AutoModelForImageClassification` (that model B-cosified by the module-type rules);
-    the B-cos options sit beside it. Labels (``id2label``) belong to this
-    config, not to the backbone's.
+    transformers image classifier the B-cos network is (`ViTConfig`, `ResNetConfig`,
+    `Dinov2Config`, ... : any model of `AutoModelForImageClassification`, B-cosified by the
+    module-type rules over its own modules and forward), or a `PlainModuleConfig` for a plain
+    PyTorch, torchvision or timm classifier; the B-cos options sit beside it. Labels
+    (``id2label``) belong to this config, not to the backbone's.
 
     Args:
         backbone_config (`PretrainedConfig` or `dict`, *optional*):
@@ -153,9 +152,8 @@ class BcosConfig(PretrainedConfig):
 
     @property
     def backbone_family(self) -> str:
-        """'vit', 'resnet', 'convnext' (hand-written backbones), 'rules' (the source
-        architecture B-cosified by the module-type rules) or 'module' (a plain PyTorch classifier,
-        B-cosified by the same rules)."""
+        """'rules' (a transformers architecture B-cosified by the module-type rules) or 'module'
+        (a plain PyTorch classifier, B-cosified by the same rules)."""
         return backbone_family_of(self.backbone_config.model_type)
 
     @property
@@ -165,8 +163,8 @@ class BcosConfig(PretrainedConfig):
 
     @property
     def image_size(self):
-        """The fixed input size (height, width) of ViT-family models, else None."""
-        if self.backbone_family != "vit":
+        """The fixed input size (height, width) of ViT and DeiT models, else None (any size)."""
+        if self.backbone_config.model_type not in FIXED_SIZE_MODEL_TYPES:
             return None
         size = self.backbone_config.image_size
         return tuple(size) if isinstance(size, (list, tuple)) else (size, size)

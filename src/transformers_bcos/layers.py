@@ -122,12 +122,8 @@ def _sliced(*tensors):
         yield tuple(t if t.shape[dim] == 1 else t.narrow(dim, start, length) for t in tensors)
 
 
-def _square_scale_in_place(
-    out: torch.Tensor, inv_norm: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, activation=None, from_squares: bool = False
-) -> torch.Tensor:
-    """out·|out|·inv_norm over out itself, slice by slice; then, for inference, times a
-    per-channel ``channel_gain`` (1, C, 1, 1) and through an in-place ``activation`` while each
-    slice is in cache.
+def _square_scale_in_place(out: torch.Tensor, inv_norm: torch.Tensor, from_squares: bool = False) -> torch.Tensor:
+    """out·|out|·inv_norm over out itself, slice by slice.
 
     ``from_squares``: ``inv_norm`` holds the sums of squares instead, a fresh tensor that this
     overwrites. A depthwise layer's norms have the shape of out: each slice of them is inverted
@@ -137,16 +133,11 @@ def _square_scale_in_place(
     """
     if from_squares and inv_norm.shape != out.shape:
         inv_norm, from_squares = _inverse_norm(inv_norm), False
-    gain = [channel_gain] if channel_gain is not None else []
-    for o, n, *g in _sliced(out, inv_norm, *gain):
+    for o, n in _sliced(out, inv_norm):
         if from_squares:
             o.mul_(_inverse_norm(n).mul_(o).abs_())
         else:
             o.mul_(o.abs()).mul_(n)
-        if g:
-            o.mul_(g[0])
-        if activation is not None:
-            activation(o)
     return out
 
 
@@ -212,42 +203,6 @@ class _SquareScale(torch.autograd.Function):
                 s[0].add_((g * t).sum_to_size(s[0].shape))
         grad_inv_norm = summed[0].div_(inv_norm) if summed else None
         return grad_out, grad_inv_norm, None
-
-
-class _RecomputedSquareScaleLinear(torch.autograd.Function):
-    """The b = 2 B-cos linear layer, y = r·|r|·inv_norm with r = x·Wᵀ (+ bias), keeping only x.
-
-    `_SquareScale` keeps y for its backward. Where nothing else keeps y (a projection whose output
-    goes into a residual sum), that is one activation more than the standard layer keeps; this
-    backward recomputes r from x, which the weight gradient needs anyway: one matrix product more,
-    one activation less. The recomputation runs under the forward's autocast state, so it repeats
-    the forward's r exactly.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], inv_norm: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        y = _square_scale_in_place(F.linear(x, weight, bias), inv_norm)
-        ctx.save_for_backward(x, weight, bias, inv_norm)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, bias, inv_norm = ctx.saved_tensors
-        device_type, dtype, enabled = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            response = F.linear(x, weight, bias)
-            # d(r|r|·i)/di = r|r|: Σ g·r|r| over the features, r|r| formed first as autograd of
-            # the definition does (g·r first can stay finite where r|r| overflows).
-            summed = [torch.zeros_like(inv_norm)] if ctx.needs_input_grad[3] else []
-            for r, g, n, *s in _sliced(response, grad, inv_norm, *summed):
-                if s:
-                    s[0].add_((g * (r * r.abs())).sum(-1, keepdim=True))
-                r.abs_().mul_(n).mul_(g).mul_(2.0)  # in place: dL/dr = 2·g·|r|·i
-            grads = _linear_gradients(response, x, weight, ctx.needs_input_grad[:3])
-        return (*grads, summed[0] if summed else None)
 
 
 def _linear_gradients(grad_response: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs) -> tuple:
@@ -582,16 +537,10 @@ class BcosConv2d(ExplainableModule, nn.Conv2d):
         """Whether `forward_with_epilogue` applies: b = 2, no autograd, outside explanation mode."""
         return _fuses_epilogue(self)
 
-    def forward_with_epilogue(self, x: torch.Tensor, channel_gain: Optional[torch.Tensor] = None, activation=None) -> torch.Tensor:
-        """``activation(forward(x) * channel_gain)`` for inference (`can_fuse_epilogue`);
-        ``channel_gain``: (1, C, 1, 1) or None; ``activation``: an in-place function
-        (`DetachableActivation.inplace_function`) or None.
-
-        A batch norm with running statistics that follows is a per-channel gain; applied (with
-        the activation) to each output slice while the B-cos scale has it in cache, neither costs
-        a pass of its own over an activation larger than the caches.
-        """
-        return _square_scale_in_place(self._response(x), self._receptive_field_squares(x), channel_gain, activation, from_squares=True)
+    def forward_with_epilogue(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` for inference (`can_fuse_epilogue`): the B-cos scale applied to each
+        slice of the response in place, from the sums of squares (`_square_scale_in_place`)."""
+        return _square_scale_in_place(self._response(x), self._receptive_field_squares(x), from_squares=True)
 
 
 class BcosLinear(ExplainableModule, nn.Linear):
@@ -604,16 +553,12 @@ class BcosLinear(ExplainableModule, nn.Linear):
         bias: bool = False,
         b: float = 2.0,
         normalize_weights: bool = False,
-        recompute_response: bool = False,
         device=None,
         dtype=None,
     ):
-        """``recompute_response``: for b = 2, keep the input instead of the output for the backward
-        pass and recompute the response there (for outputs that nothing else keeps)."""
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.b = _check_b(b)
         self.normalize_weights = normalize_weights
-        self.recompute_response = recompute_response
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b}, normalize_weights={self.normalize_weights}"
@@ -633,33 +578,17 @@ class BcosLinear(ExplainableModule, nn.Linear):
         """1 / ``input_norm(x)``: what the forward pass multiplies by."""
         return _inverse_norm(_SumOfSquares.apply(x, -1))
 
-    def forward(self, x: torch.Tensor, inverse_input_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``inverse_input_norm``: ``BcosLinear.inverse_input_norm(x)`` when several layers share x."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.b == 1:
             return F.linear(x, self._weight(), self.bias)
-        training = not self.explanation_mode and torch.is_grad_enabled()
-        if inverse_input_norm is None and training and x.requires_grad and not self.recompute_response:
+        if not self.explanation_mode and torch.is_grad_enabled() and x.requires_grad:
             # x gets gradients from the response and its norm: summed in one node.
             out, squares = _ResponseAndSumOfSquares.apply(x, self._weight(), self.bias, None)
             return _bcos_scale(out, _inverse_norm(squares), self.b, False, overwrite=True)
-        if inverse_input_norm is None:
-            with _graph_unless(self.explanation_mode):
-                inverse_input_norm = self.inverse_input_norm(x)
-        if self.recompute_response and self.b == 2 and training:
-            return _RecomputedSquareScaleLinear.apply(x, self._weight(), self.bias, inverse_input_norm)
+        with _graph_unless(self.explanation_mode):
+            inverse_input_norm = self.inverse_input_norm(x)
         out = F.linear(x, self._weight(), self.bias)
         return _bcos_scale(out, inverse_input_norm, self.b, self.explanation_mode, overwrite=True)
-
-    def can_fuse_epilogue(self) -> bool:
-        """Whether `forward_with_epilogue` applies: b = 2, no autograd, outside explanation mode."""
-        return _fuses_epilogue(self)
-
-    def forward_with_epilogue(self, x: torch.Tensor, activation) -> torch.Tensor:
-        """``activation(forward(x))`` for inference (`can_fuse_epilogue`), the in-place
-        ``activation`` applied to each output slice while the B-cos scale has it in cache: no
-        activation-sized tensor of its own (for a transformer MLP, 4× the model width)."""
-        out = F.linear(x, self._weight(), self.bias)
-        return _square_scale_in_place(out, self.inverse_input_norm(x), activation=activation)
 
 
 class _UncenteredBatchNormTraining(torch.autograd.Function):
@@ -718,13 +647,6 @@ class BcosBatchNorm2d(ExplainableModule, nn.BatchNorm2d):
     def centered(self) -> bool:
         return self.bias is not None
 
-    def inference_gain(self) -> Optional[torch.Tensor]:
-        """(1, C, 1, 1) weight/std of the running statistics: what an uncentered layer multiplies
-        by outside training; None for a centered or training layer."""
-        if self.training or self.centered:
-            return None
-        return (torch.rsqrt(self.running_var + self.eps) * self.weight).view(1, -1, 1, 1)
-
     def _momentum(self) -> float:
         """The running-average factor of this step (cumulative average when momentum is None)."""
         if self.momentum is not None:
@@ -762,6 +684,10 @@ class _LayerNormDetachedStd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
         y, _, inv_std = torch.native_layer_norm(x, weight.shape, weight, bias, eps)
+        if inv_std.dtype == torch.float16:
+            # float16's 1/std overflows for a token of (nearly) zero variance, 1/sqrt(eps) > 65504
+            # (the zero-initialised class tokens of a DeiT built from a config): kept in float32.
+            inv_std = torch.rsqrt(x.float().var(-1, unbiased=False, keepdim=True) + eps)
         # x only serves the weight gradient (explain() freezes the weights: nothing kept then).
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, inv_std)
         ctx.has_bias = bias is not None
@@ -774,10 +700,14 @@ class _LayerNormDetachedStd(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             weighted = grad * weight
-            grad_input = (weighted - weighted.mean(-1, keepdim=True)).mul_(inv_std.to(weighted.dtype))
+            centred = weighted - weighted.mean(-1, keepdim=True)
+            if centred.dtype == inv_std.dtype:
+                grad_input = centred.mul_(inv_std)
+            else:  # a float16 layer's float32 1/std, multiplied before rounding to float16
+                grad_input = (centred.to(inv_std.dtype) * inv_std).to(centred.dtype)
         if ctx.needs_input_grad[1]:
-            normalized = (x - x.mean(-1, keepdim=True)) * inv_std.to(x.dtype)
-            grad_weight = (grad * normalized).sum_to_size(weight.shape)
+            normalized = (x - x.mean(-1, keepdim=True)).to(inv_std.dtype) * inv_std
+            grad_weight = (grad.to(inv_std.dtype) * normalized).sum_to_size(weight.shape).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum_to_size(weight.shape)
         return grad_input, grad_weight, grad_bias, None
@@ -811,86 +741,6 @@ class BcosLayerNorm(ExplainableModule, nn.LayerNorm):
         else:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return y.movedim(-1, 1) if self.channels_first else y
-
-
-# Gates are constants of the explanation, computed without autograd: each overwrites the
-# temporary it is given (one allocation instead of one per operation).
-
-
-def _gelu_gate_(t):
-    return t.mul_(1.0 / math.sqrt(2.0)).erf_().add_(1.0).mul_(0.5)
-
-
-def _tanh_gelu_gate_(t):
-    cubic = t.pow(3).mul_(0.044715)
-    return t.add_(cubic).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0).mul_(0.5)
-
-
-def _step_gate_(t):
-    return t.gt_(0)
-
-
-def _tanh_gelu_(t):
-    return torch.ops.aten.gelu_(t, approximate="tanh")
-
-
-# name (as in transformers' ``hidden_act``) -> (function, the same function in place, in-place gate
-# with function(x) = gate(x) * x; None where the function is piecewise linear and needs no detaching)
-GATED_ACTIVATIONS = {
-    "relu": (F.relu, F.relu_, None),  # piecewise linear: its gradient already is the (constant) gate
-    "gelu": (F.gelu, torch.ops.aten.gelu_, _gelu_gate_),
-    "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_, _tanh_gelu_gate_),
-    "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), _tanh_gelu_, _tanh_gelu_gate_),
-    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), lambda t: t.mul_(torch.sigmoid(1.702 * t)), lambda t: t.mul_(1.702).sigmoid_()),
-    "silu": (F.silu, lambda t: F.silu(t, inplace=True), torch.Tensor.sigmoid_),
-    "swish": (F.silu, lambda t: F.silu(t, inplace=True), torch.Tensor.sigmoid_),
-}
-
-
-class DetachableActivation(ExplainableModule):
-    """An activation written as ``gate(x) * x`` whose gate is detached in explanation mode."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        if name not in GATED_ACTIVATIONS:
-            raise ValueError(f"Unsupported activation {name!r}; supported: {sorted(GATED_ACTIVATIONS)}.")
-        self.name = name
-        self.function, self.inplace_function, self.gate = GATED_ACTIVATIONS[name]
-
-    def extra_repr(self) -> str:
-        return self.name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.explanation_mode and self.gate is not None:
-            return self.detached_gate(x) * x
-        return self.function(x)
-
-    def detached_gate(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-        """The gate of ``x`` as a constant: function(x) = detached_gate(x) * x. ``overwrite``: x is
-        the caller's temporary, and the gate is written over it."""
-        gate = self.gate or _step_gate_
-        # The copy is made inside: one made outside would carry x's graph through the in-place gate.
-        return explanation_constant(gate if overwrite else lambda t: gate(t.clone()), x)
-
-
-def linear_activation(linear: BcosLinear, activation: DetachableActivation, x: torch.Tensor) -> torch.Tensor:
-    """``activation(linear(x))``: at inference without an activation-sized tensor of its own, in
-    explanation mode keeping half the memory for the backward pass.
-
-    There both layers multiply by a constant: y = r·s·gate(r·s) for the linear response r and the
-    B-cos factor s. As two products autograd keeps s and the gate, each the size of the hidden
-    layer (4× the model width in transformer MLPs); as one product r·(s·gate) it keeps one factor.
-    """
-    if linear.can_fuse_epilogue():  # inference: the activation runs inside the linear layer's scale
-        return linear.forward_with_epilogue(x, activation.inplace_function)
-    fused = linear.explanation_mode and activation.explanation_mode and not differentiable_explanation()
-    if not fused or linear.b == 1:
-        return activation(linear(x))
-    response = F.linear(x, linear._weight(), linear.bias)
-    with torch.no_grad():
-        factor = _detached_bcos_factor(response, linear.inverse_input_norm(x), linear.b)
-        factor.mul_(activation.detached_gate(response * factor, overwrite=True))
-    return response.mul_(factor)  # the linear map keeps no output: scale in place
 
 
 def _window_views(x: torch.Tensor, dim: int, kernel_size: int, stride: int, length: int) -> list:
@@ -994,158 +844,3 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         if not self._separable(x):
             return super().forward(x)
         return _SeparableMaxPool.apply(x, self.kernel_size, self.stride, self.padding)
-
-
-def conv_norm_activation(
-    conv: BcosConv2d, norm: BcosBatchNorm2d, activation: Optional[DetachableActivation], x: torch.Tensor
-) -> torch.Tensor:
-    """``activation(norm(conv(x)))`` (``activation`` may be None).
-
-    A batch norm with running statistics is a per-channel gain. At inference the gain and the
-    activation run inside the conv's B-cos scale (`BcosConv2d.forward_with_epilogue`). In
-    explanation mode, with frozen norm weights (as in `explain()`), the three layers multiply the
-    conv's response by constants: B-cos factor × gain × activation gate, applied as one factor. As
-    three products autograd kept the factor, the norm's input and the activation's output, and
-    the backward pass took three passes; here it keeps one factor and takes one.
-    """
-    gain = norm.inference_gain()
-    if gain is not None and conv.can_fuse_epilogue():
-        return conv.forward_with_epilogue(x, gain, getattr(activation, "inplace_function", None))
-    layers = [conv, norm] + ([activation] if activation is not None else [])
-    weight_grad = torch.is_grad_enabled() and norm.weight.requires_grad
-    if gain is None or conv.b == 1 or weight_grad or differentiable_explanation() or not all(layer.explanation_mode for layer in layers):
-        out = norm(conv(x))
-        return out if activation is None else activation(out)
-    response = conv._response(x)
-    gain = gain.to(response.dtype)
-    with torch.no_grad():
-        inv_norm = conv.inverse_input_norm(x)
-        if conv.b == 2 and activation is not None and activation.name == "relu":
-            # |r|·gain·[r·gain > 0] = relu(r·sign(gain))·gain: the ReLU gate without a pass of its own.
-            factor = torch.mul(response, gain.sign()).relu_().mul_(inv_norm).mul_(gain)
-        else:
-            factor = _detached_bcos_factor(response, inv_norm, conv.b).mul_(gain)
-            if activation is not None:
-                factor.mul_(activation.detached_gate(response * factor, overwrite=True))
-    return response.mul_(factor)  # the conv keeps no output: scale in place
-
-
-def patch_unit_means(encoded_pixel_values: torch.Tensor, patch_size) -> tuple:
-    """Means of (x_c + (1 - x_c)) per patch (N, T) and per image (N,).
-
-    Identically 1 for an encoded image, yet linear in the input: multiplying a constant (a class
-    token, a position embedding) by them leaves the forward value unchanged while making the
-    constant's evidence attributable, uniformly, to the pixels it belongs to, so explanations stay
-    complete.
-    """
-    ones = encoded_pixel_values[:, :3] + encoded_pixel_values[:, 3:]
-    per_patch = F.avg_pool2d(ones, patch_size, stride=patch_size).mean(1).flatten(1)
-    return per_patch, per_patch.mean(1)
-
-
-class BcosSelfAttention(ExplainableModule):
-    """Multi-head self-attention with B-cos projections; the attention matrix detaches.
-
-    ``projection_order`` is the order in which the source model registers its q/k/v projections
-    ("qkv" for ViT, "kvq" for CLIP): conversion pairs layers in module order.
-    """
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        dropout: float = 0.0,
-        qkv_bias: bool = False,
-        out_bias: bool = False,
-        projection_order: str = "qkv",
-        b: float = 2.0,
-        normalize_weights: bool = False,
-    ):
-        super().__init__()
-        if sorted(projection_order) != ["k", "q", "v"]:
-            raise ValueError(f"projection_order must be a permutation of 'qkv', got {projection_order!r}.")
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.dropout = dropout
-        for name in projection_order:
-            self.add_module(f"{name}_proj", BcosLinear(hidden_size, hidden_size, qkv_bias, b, normalize_weights))
-        # Its output only enters the residual sum: recomputing it in the backward pass saves one
-        # activation per block for 1/12 of the block's matrix products.
-        self.o_proj = BcosLinear(hidden_size, hidden_size, out_bias, b, normalize_weights, recompute_response=True)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch_size, length, _ = hidden_states.shape
-        shape = (batch_size, length, self.num_heads, self.head_dim)
-        with _graph_unless(self.explanation_mode):
-            inverse_norm = BcosLinear.inverse_input_norm(hidden_states)  # q, k and v share their input
-            # softmax(q kᵀ) is the dynamic part: detached, attention is a linear map of the values.
-            query = self.q_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
-            key = self.k_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states, inverse_norm).view(shape).transpose(1, 2)
-        if self.explanation_mode and differentiable_explanation():
-            scale = self.head_dim**-0.5
-            attention = explanation_constant(lambda q, k: torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1), query, key)
-            out = attention @ value
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(batch_size, length, -1))
-
-
-# The rows of an MLP's input are independent. At inference on CPU the MLP runs over chunks of
-# rows, so that each chunk's hidden activation (4x the model width) stays in cache from the first
-# matrix product through its scale, activation and norm into the second, instead of a whole hidden
-# tensor (38 MB for ConvNeXt-T's first stage at batch 8) streaming through memory four times.
-# 4 MiB of float32 per chunk: fastest of 1-16 MiB, measured on ConvNeXt-T (inference at batch 8:
-# 999 -> 938 ms, BENCHMARKS.md).
-_FEED_FORWARD_CHUNK_ELEMENTS = 1 << 20
-
-
-def feed_forward(fc1: BcosLinear, activation: DetachableActivation, fc2: BcosLinear, x: torch.Tensor) -> torch.Tensor:
-    """``fc2(activation(fc1(x)))``, the B-cos MLP over the last dimension of x; at inference on
-    CPU (both layers' `can_fuse_epilogue`, no autocast) chunk by chunk of rows.
-
-    Not in traced code: a loop over chunks would specialise the graph to the number of rows, and
-    a model compiled with a dynamic batch would compile again for every batch size. (Chunks made
-    compiled ConvNeXt-T inference on CPU 3% faster at a fixed batch, measured; ViT-S the same.)"""
-    chunked = fc1.can_fuse_epilogue() and fc2.can_fuse_epilogue() and x.device.type == "cpu"
-    if not chunked or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return fc2(linear_activation(fc1, activation, x))
-    return _chunked_feed_forward(fc1, activation.inplace_function, fc2, x)
-
-
-def _chunked_feed_forward(fc1: BcosLinear, activation, fc2: BcosLinear, x: torch.Tensor) -> torch.Tensor:
-    """`feed_forward` at inference: each chunk of rows through both layers while its hidden
-    activation is in cache, into one output; one hidden buffer serves every chunk."""
-    rows = x.reshape(-1, x.shape[-1])
-    out = x.new_empty(*x.shape[:-1], fc2.out_features)
-    out_rows = out.view(-1, fc2.out_features)
-    step = max(1, _FEED_FORWARD_CHUNK_ELEMENTS // fc1.out_features)
-    hidden_buffer = x.new_empty(min(step, rows.shape[0]), fc1.out_features)
-    weight1, weight2 = fc1._weight().t(), fc2._weight().t()
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start : start + step]
-        hidden = _linear_into(hidden_buffer[: chunk.shape[0]], chunk, weight1, fc1.bias)
-        _square_scale_in_place(hidden, fc1.inverse_input_norm(chunk), activation=activation)
-        response = _linear_into(out_rows[start : start + step], hidden, weight2, fc2.bias)
-        _square_scale_in_place(response, fc2.inverse_input_norm(hidden))
-    return out
-
-
-def _linear_into(out: torch.Tensor, x: torch.Tensor, transposed_weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x·Wᵀ (+ bias) for 2-D x, written into ``out``."""
-    if bias is None:
-        return torch.mm(x, transposed_weight, out=out)
-    return torch.addmm(bias, x, transposed_weight, out=out)
-
-
-class BcosMlp(nn.Module):
-    """B-cos linear -> detachable activation -> B-cos linear (a transformer MLP)."""
-
-    def __init__(self, in_features: int, hidden_features: int, activation: str, bias: bool = False, b: float = 2.0, normalize_weights: bool = False):
-        super().__init__()
-        self.fc1 = BcosLinear(in_features, hidden_features, bias, b, normalize_weights)
-        self.activation = DetachableActivation(activation)
-        self.fc2 = BcosLinear(hidden_features, in_features, bias, b, normalize_weights)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return feed_forward(self.fc1, self.activation, self.fc2, hidden_states)

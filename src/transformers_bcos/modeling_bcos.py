@@ -1,10 +1,12 @@
-"""B-cos image classifiers for the ViT/DeiT, ResNet and ConvNeXt families.
+"""B-cos image classifiers: any image classifier of transformers, or a plain PyTorch (torchvision,
+timm) classifier, B-cosified by the module-type rules of `rules.py`.
 
-Each backbone mirrors the layout of its transformers counterpart, with every convolution and
-linear layer a B-cos layer, normalisations whose std detaches, activations whose gate detaches,
-and a 6-channel input [r, g, b, 1-r, 1-g, 1-b] encoded inside the model. A model is either
-B-cosified from a pretrained checkpoint (``transformers_bcos.bcosify_pretrained``) or built from
-a `BcosConfig` with random weights (the B-cos-from-scratch baseline).
+The source architecture keeps its own modules and forward code; every convolution and linear
+layer is a B-cos layer, normalisations detach their std, activations and gates detach their gates,
+attention detaches its probabilities, and the model reads the 6-channel input
+[r, g, b, 1-r, 1-g, 1-b], encoded inside the model. A model is either B-cosified from a pretrained
+checkpoint (``transformers_bcos.bcosify_pretrained``) or built from a `BcosConfig` with random
+weights (the B-cos-from-scratch baseline).
 
 This file travels with saved checkpoints (``trust_remote_code``): it imports torch,
 transformers and the standard library only.
@@ -22,40 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-from .configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, BcosConfig
+from .configuration_bcos import PLAIN_MODULE_FAMILY, BcosConfig
 from .explanation import BcosExplanationOutput, TargetType, captured_output, dynamic_linear_weights, is_unit, resolve_targets
-from .layers import (
-    BcosBatchNorm2d,
-    BcosConv2d,
-    BcosLayerNorm,
-    BcosLinear,
-    BcosMlp,
-    BcosSelfAttention,
-    DetachableActivation,
-    SeparableMaxPool2d,
-    conv_norm_activation,
-    encode_pixel_values,
-    feed_forward,
-    patch_unit_means,
-)
+from .layers import encode_pixel_values
 from .rules import bcosify_modules, find_pixel_reader, prepare_reader
-
-try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
-    from transformers import initialization as init
-except ImportError:  # pragma: no cover
-    from torch.nn import init
 
 # Pixels may overshoot [0, 1] by resampling round-off; anything beyond this is an input mistake.
 PIXEL_RANGE_TOLERANCE = 1e-3
-
-
-def _pair(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-
-
-def _bcos_kwargs(config: BcosConfig) -> dict:
-    return {"b": config.b, "normalize_weights": config.normalize_weights}
 
 
 def bcos_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -74,312 +51,8 @@ def bcos_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.clamp_min(1.0 / num_classes))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (a linear rescaling, so explanations are unaffected)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).add_(keep).floor_()
-        return x / keep * mask
-
-
 # ----------------------------------------------------------------------------------------------
-# ViT / DeiT
-# ----------------------------------------------------------------------------------------------
-
-
-class BcosViTEmbeddings(nn.Module):
-    """Patch embedding plus class (and distillation) token and learned position embeddings.
-
-    The tokens and position embeddings are constants, which would break completeness. Each is
-    multiplied by `patch_unit_means` over the pixels it belongs to (the whole image for prefix
-    tokens, the patch for a patch's position embedding): identically 1 for an encoded image, so
-    the forward value is unchanged, but linear in the input, so the explanation attributes each
-    constant uniformly to its pixels and stays complete.
-    """
-
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        hidden_size = backbone.hidden_size
-        self.patch_size = _pair(backbone.patch_size)
-        image_size = _pair(backbone.image_size)
-        num_patches = (image_size[0] // self.patch_size[0]) * (image_size[1] // self.patch_size[1])
-        self.num_prefix_tokens = 2 if backbone.model_type == "deit" else 1
-
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.patch_embeddings = BcosConv2d(
-            6, hidden_size, self.patch_size, stride=self.patch_size, bias=config.use_bias, encoded_image_input=True, **_bcos_kwargs(config)
-        )
-        self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
-        self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
-        if self.num_prefix_tokens == 2:
-            self.distillation_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-
-    def forward(self, encoded_pixel_values: torch.Tensor) -> torch.Tensor:
-        batch_size = encoded_pixel_values.shape[0]
-        patches = self.patch_embeddings(encoded_pixel_values).flatten(2).transpose(1, 2)
-        per_patch, per_image = patch_unit_means(encoded_pixel_values, self.patch_size)
-
-        prefix = [self.cls_token] + ([self.distillation_token] if self.num_prefix_tokens == 2 else [])
-        prefix = torch.cat(prefix, dim=1) + self.position_embeddings[:, : self.num_prefix_tokens]
-        prefix = prefix * per_image.view(batch_size, 1, 1)
-        patches = patches + self.position_embeddings[:, self.num_prefix_tokens :] * per_patch.unsqueeze(-1)
-        return self.dropout(torch.cat([prefix, patches], dim=1))
-
-
-class BcosViTLayer(nn.Module):
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        self.attention = BcosSelfAttention(
-            backbone.hidden_size,
-            backbone.num_attention_heads,
-            dropout=backbone.attention_probs_dropout_prob,
-            qkv_bias=config.use_bias and backbone.qkv_bias,
-            out_bias=config.use_bias,
-            **_bcos_kwargs(config),
-        )
-        self.layernorm_before = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
-        self.layernorm_after = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
-        self.mlp = BcosMlp(
-            backbone.hidden_size, backbone.intermediate_size, backbone.hidden_act, config.use_bias, **_bcos_kwargs(config)
-        )
-        self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.attention(self.layernorm_before(hidden_states)))
-        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-
-
-class BcosViTBackbone(nn.Module):
-    """(N, 6, H, W) -> (N, prefix tokens + patches, hidden) after the final layer norm."""
-
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        self.embeddings = BcosViTEmbeddings(config)
-        self.layers = nn.ModuleList([BcosViTLayer(config) for _ in range(backbone.num_hidden_layers)])
-        self.layernorm = BcosLayerNorm(backbone.hidden_size, eps=backbone.layer_norm_eps, bias=config.use_bias)
-        self.num_features = backbone.hidden_size
-
-    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        hidden_states = self.embeddings(encoded_pixel_values)
-        all_hidden_states = [hidden_states]
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-            all_hidden_states.append(hidden_states)
-        return self.layernorm(hidden_states), tuple(all_hidden_states) if output_hidden_states else None
-
-    @staticmethod
-    def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
-        return classifier(features[:, 0])
-
-
-# ----------------------------------------------------------------------------------------------
-# ResNet
-# ----------------------------------------------------------------------------------------------
-
-
-class BcosResNetConvLayer(nn.Module):
-    def __init__(
-        self, config: BcosConfig, in_channels, out_channels, kernel_size=3, stride=1, activation="relu", encoded_image_input=False
-    ):
-        super().__init__()
-        self.convolution = BcosConv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=kernel_size // 2,
-            bias=False,
-            encoded_image_input=encoded_image_input,
-            **_bcos_kwargs(config),
-        )
-        self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
-        self.activation = DetachableActivation(activation) if activation is not None else None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return conv_norm_activation(self.convolution, self.normalization, self.activation, hidden_states)
-
-
-class BcosResNetShortCut(nn.Module):
-    def __init__(self, config: BcosConfig, in_channels, out_channels, stride=2):
-        super().__init__()
-        self.convolution = BcosConv2d(in_channels, out_channels, 1, stride=stride, bias=False, **_bcos_kwargs(config))
-        self.normalization = BcosBatchNorm2d(out_channels, centered=config.use_bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return conv_norm_activation(self.convolution, self.normalization, None, hidden_states)
-
-
-class BcosResNetResidualLayer(nn.Module):
-    """A basic (two 3×3 convs) or bottleneck (1×1, 3×3, 1×1) residual layer."""
-
-    def __init__(self, config: BcosConfig, in_channels, out_channels, stride=1):
-        super().__init__()
-        backbone = config.backbone_config
-        act = backbone.hidden_act
-        needs_shortcut = in_channels != out_channels or stride != 1
-        self.shortcut = BcosResNetShortCut(config, in_channels, out_channels, stride) if needs_shortcut else nn.Identity()
-        if backbone.layer_type == "bottleneck":
-            reduced = out_channels // 4
-            in_bottleneck = backbone.downsample_in_bottleneck
-            self.layer = nn.Sequential(
-                BcosResNetConvLayer(config, in_channels, reduced, 1, stride if in_bottleneck else 1, act),
-                BcosResNetConvLayer(config, reduced, reduced, 3, 1 if in_bottleneck else stride, act),
-                BcosResNetConvLayer(config, reduced, out_channels, 1, activation=None),
-            )
-        else:
-            self.layer = nn.Sequential(
-                BcosResNetConvLayer(config, in_channels, out_channels, 3, stride, act),
-                BcosResNetConvLayer(config, out_channels, out_channels, 3, activation=None),
-            )
-        self.activation = DetachableActivation(act)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = self.shortcut(hidden_states)
-        hidden_states = self.layer(hidden_states)
-        hidden_states += residual  # in place, as in transformers' ResNet: the layer's output is its own
-        return self.activation(hidden_states)
-
-
-class BcosResNetBackbone(nn.Module):
-    """(N, 6, H, W) -> (N, C, h, w) feature map. The classifier is applied per position, then pooled."""
-
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        self.embedder = BcosResNetConvLayer(config, 6, backbone.embedding_size, 7, 2, backbone.hidden_act, encoded_image_input=True)
-        # Max pooling is piecewise linear: the selection needs no detaching.
-        self.pooler = SeparableMaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.stages = nn.ModuleList()
-        in_channels = backbone.embedding_size
-        for i, (out_channels, depth) in enumerate(zip(backbone.hidden_sizes, backbone.depths)):
-            stride = 2 if i > 0 or backbone.downsample_in_first_stage else 1
-            layers = [BcosResNetResidualLayer(config, in_channels, out_channels, stride)]
-            layers += [BcosResNetResidualLayer(config, out_channels, out_channels) for _ in range(depth - 1)]
-            self.stages.append(nn.Sequential(*layers))
-            in_channels = out_channels
-        self.num_features = backbone.hidden_sizes[-1]
-
-    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        hidden_states = self.pooler(self.embedder(encoded_pixel_values))
-        all_hidden_states = [hidden_states]
-        for stage in self.stages:
-            hidden_states = stage(hidden_states)
-            all_hidden_states.append(hidden_states)
-        return hidden_states, tuple(all_hidden_states) if output_hidden_states else None
-
-    @staticmethod
-    def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
-        # B-cos recipe: classify every position (a 1×1 B-cos conv), then average. Each position's
-        # features as one contiguous row: the product of a permuted view that needs a gradient
-        # (explain) runs as a batched matrix product, 3× slower (measured).
-        return classifier(features.permute(0, 2, 3, 1).contiguous()).mean(dim=(1, 2))
-
-
-# ----------------------------------------------------------------------------------------------
-# ConvNeXt
-# ----------------------------------------------------------------------------------------------
-
-
-class BcosConvNextLayer(nn.Module):
-    def __init__(self, config: BcosConfig, dim: int, drop_path: float = 0.0):
-        super().__init__()
-        backbone = config.backbone_config
-        self.dwconv = BcosConv2d(dim, dim, 7, padding=3, groups=dim, bias=config.use_bias, **_bcos_kwargs(config))
-        self.layernorm = BcosLayerNorm(dim, eps=1e-6, bias=config.use_bias)
-        self.pwconv1 = BcosLinear(dim, 4 * dim, bias=config.use_bias, **_bcos_kwargs(config))
-        self.activation = DetachableActivation(backbone.hidden_act)
-        self.pwconv2 = BcosLinear(4 * dim, dim, bias=config.use_bias, **_bcos_kwargs(config))
-        init_value = backbone.layer_scale_init_value
-        self.layer_scale_parameter = nn.Parameter(init_value * torch.ones(dim)) if init_value > 0 else None
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        residual = features
-        features = self.layernorm(self.dwconv(features).permute(0, 2, 3, 1))
-        features = feed_forward(self.pwconv1, self.activation, self.pwconv2, features)
-        if self.layer_scale_parameter is not None:
-            features = self.layer_scale_parameter * features
-        return residual + self.drop_path(features.permute(0, 3, 1, 2))
-
-
-class BcosConvNextStage(nn.Module):
-    def __init__(self, config: BcosConfig, in_channels, out_channels, stride, depth, drop_path_rates):
-        super().__init__()
-        if in_channels != out_channels or stride > 1:
-            self.downsampling_layer = nn.ModuleList(
-                [
-                    BcosLayerNorm(in_channels, eps=1e-6, bias=config.use_bias, channels_first=True),
-                    BcosConv2d(in_channels, out_channels, 2, stride=stride, bias=config.use_bias, **_bcos_kwargs(config)),
-                ]
-            )
-        else:
-            self.downsampling_layer = nn.ModuleList()
-        self.layers = nn.ModuleList([BcosConvNextLayer(config, out_channels, rate) for rate in drop_path_rates])
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        for layer in self.downsampling_layer:
-            features = layer(features)
-        for layer in self.layers:
-            features = layer(features)
-        return features
-
-
-class BcosConvNextBackbone(nn.Module):
-    """(N, 6, H, W) -> (N, C): stages, global average, final layer norm (as in ConvNeXt)."""
-
-    def __init__(self, config: BcosConfig):
-        super().__init__()
-        backbone = config.backbone_config
-        sizes = backbone.hidden_sizes
-        self.patch_embeddings = BcosConv2d(
-            6,
-            sizes[0],
-            backbone.patch_size,
-            stride=backbone.patch_size,
-            bias=config.use_bias,
-            encoded_image_input=True,
-            **_bcos_kwargs(config),
-        )
-        self.embedding_layernorm = BcosLayerNorm(sizes[0], eps=1e-6, bias=config.use_bias, channels_first=True)
-        # Stochastic depth grows linearly over all layers (computed in Python: this also runs on meta).
-        total = sum(backbone.depths)
-        rates = [backbone.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        self.stages = nn.ModuleList()
-        in_channels, first = sizes[0], 0
-        for i, (out_channels, depth) in enumerate(zip(sizes, backbone.depths)):
-            stage = BcosConvNextStage(config, in_channels, out_channels, 2 if i > 0 else 1, depth, rates[first : first + depth])
-            first += depth
-            self.stages.append(stage)
-            in_channels = out_channels
-        self.layernorm = BcosLayerNorm(sizes[-1], eps=backbone.layer_norm_eps, bias=config.use_bias)
-        self.num_features = sizes[-1]
-
-    def forward(self, encoded_pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        hidden_states = self.embedding_layernorm(self.patch_embeddings(encoded_pixel_values))
-        all_hidden_states = [hidden_states]
-        for stage in self.stages:
-            hidden_states = stage(hidden_states)
-            all_hidden_states.append(hidden_states)
-        pooled = self.layernorm(hidden_states.mean(dim=(-2, -1)))
-        return pooled, tuple(all_hidden_states) if output_hidden_states else None
-
-    @staticmethod
-    def pool(features: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
-        return classifier(features)
-
-
-# ----------------------------------------------------------------------------------------------
-# Any other transformers image classifier: its own modules and forward, B-cosified by the rules
+# Source architectures: their own modules and forward, B-cosified by the rules
 # ----------------------------------------------------------------------------------------------
 
 
@@ -392,12 +65,22 @@ def encoded_image_config(backbone_config, num_labels: int):
         if hasattr(config, "num_channels"):
             config.num_channels = 2 * config.num_channels
     encoded.num_labels = num_labels
+    if encoded.architectures is None:
+        # A config built in code names no class; where a model type has several image classifiers
+        # (DeiT's with and without the distillation head) the auto class needs one: the first.
+        encoded.architectures = [_first_image_classifier(encoded.model_type)]
     return encoded
 
 
+def _first_image_classifier(model_type: str) -> str:
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
+    return names if isinstance(names, str) else names[0]
+
+
 class BcosSourceArchitecture(nn.Module):
-    """The source family's own image classifier, built from ``config.backbone_config`` and
-    B-cosified by the module-type rules (`rules.bcosify_modules`): its own forward code runs.
+    """The source's own image classifier, built from ``config.backbone_config`` and B-cosified by
+    the module-type rules (`rules.bcosify_modules`): its own forward code runs, its own head
+    classifies.
 
     (N, 2C, H, W) encoded pixels -> (logits before the logit bias, hidden states). Modules that no
     rule covers stay as they are and are listed in ``unconverted``; the conversion refuses a model
@@ -409,7 +92,7 @@ class BcosSourceArchitecture(nn.Module):
         if model is None:
             model = AutoModelForImageClassification.from_config(encoded_image_config(config.backbone_config, config.num_labels))
         self.model = model
-        self.unconverted = bcosify_modules(self.model, config.b, config.use_bias)
+        self.unconverted = bcosify_modules(self.model, config.b, config.use_bias, config.normalize_weights)
         reader = find_pixel_reader(self.model, 2 * config.num_channels, encoded=True)
         self._pixel_reader_name = next(name for name, module in self.model.named_modules() if module is reader)
         prepare_reader(self.model, reader)
@@ -427,10 +110,6 @@ class BcosSourceArchitecture(nn.Module):
         options = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
         out = self.model(pixel_values=encoded_pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **options)
         return out.logits, out.hidden_states if output_hidden_states else None
-
-    @staticmethod
-    def pool(logits: torch.Tensor, classifier) -> torch.Tensor:
-        return logits
 
 
 class BcosPlainModuleArchitecture(BcosSourceArchitecture):
@@ -497,15 +176,6 @@ def widen_pixel_reader(module: nn.Module, channels: int) -> nn.Module:
     return module
 
 
-BACKBONES = {
-    "vit": BcosViTBackbone,
-    "resnet": BcosResNetBackbone,
-    "convnext": BcosConvNextBackbone,
-    RULES_FAMILY: BcosSourceArchitecture,
-    PLAIN_MODULE_FAMILY: BcosPlainModuleArchitecture,
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
@@ -520,24 +190,50 @@ def _listed(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def check_weight_files(folder: str) -> None:
-    """Raise an OSError naming a local checkpoint's unreadable (truncated, empty) safetensors file."""
+def saved_weight_shapes(folder: str) -> dict:
+    """{key: shape} of the tensors in a local checkpoint's safetensors files, read from their
+    headers (keys as saved: transformers may rename them when loading); an OSError naming an
+    unreadable (truncated, empty) file."""
     from safetensors import SafetensorError, safe_open
 
+    shapes = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
             try:
-                with safe_open(os.path.join(folder, name), framework="pt"):
-                    pass
+                with safe_open(os.path.join(folder, name), framework="pt") as weights:
+                    shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
             except (SafetensorError, OSError) as error:
                 raise OSError(f"{os.path.join(folder, name)} cannot be read (truncated or corrupt?): {error}") from None
+    return shapes
+
+
+def weight_problems(missing, unexpected, mismatched, ignore_mismatched_sizes: bool) -> list:
+    """What makes a checkpoint not fit its model, in words: missing and unexpected keys, and keys
+    of another shape ``(key, saved shape, model shape)`` unless they are to be replaced."""
+    problems = []
+    if missing:
+        problems.append(f"missing {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_listed(unexpected)}")
+    if mismatched and not ignore_mismatched_sizes:
+        shapes = {f"{key} {tuple(saved)} (model: {tuple(expected)})" for key, saved, expected in mismatched}
+        problems.append(f"of another shape {_listed(shapes)} (pass ignore_mismatched_sizes=True to replace them)")
+    return problems
+
+
+def _weights_do_not_fit(location, cls, config, problems: list) -> str:
+    architecture = getattr(config, "backbone_config", None)
+    described = f"{cls.__name__}, {architecture.model_type}" if architecture is not None else cls.__name__
+    return f"The weights of {location} do not fit its config ({described}): " + "; ".join(problems) + "."
 
 
 class BcosPreTrainedModel(PreTrainedModel):
     config_class = BcosConfig
     base_model_prefix = "backbone"
     main_input_name = "pixel_values"
-    _no_split_modules = ["BcosViTLayer", "BcosResNetResidualLayer", "BcosConvNextLayer"]
+    # (key prefix, message): the keys of a hand-written architecture of an earlier
+    # transformers-bcos, and what to do with such a checkpoint.
+    legacy_layout: Optional[tuple] = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -555,12 +251,14 @@ class BcosPreTrainedModel(PreTrainedModel):
         from safetensors import SafetensorError
 
         location = None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         if location is not None and os.path.isdir(location):
             if kwargs.get("config") is None and not os.path.isfile(os.path.join(location, "config.json")):
                 raise OSError(f"{location} is not a saved model folder: it has no config.json.")
-            check_weight_files(location)
-        wants_loading_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+            saved = saved_weight_shapes(location)
+            if cls.legacy_layout is not None and any(key.startswith(cls.legacy_layout[0]) for key in saved):
+                raise CheckpointWeightsError(f"{location} {cls.legacy_layout[1]}")
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
@@ -572,30 +270,12 @@ class BcosPreTrainedModel(PreTrainedModel):
                 f"The pickled weights of {location} were refused (torch.load with weights_only=True; only safetensors "
                 f"weights are safe to load): {str(error).splitlines()[0]}"
             ) from None
-        problems = []
-        if loading_info["missing_keys"]:
-            problems.append(f"missing {_listed(loading_info['missing_keys'])}")
-        if loading_info["unexpected_keys"]:
-            problems.append(f"unexpected {_listed(loading_info['unexpected_keys'])}")
-        if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
-            shapes = {f"{key} {tuple(saved)} (model: {tuple(expected)})" for key, saved, expected in loading_info["mismatched_keys"]}
-            problems.append(f"of another shape {_listed(shapes)} (pass ignore_mismatched_sizes=True to replace them)")
+        problems = weight_problems(
+            loading_info["missing_keys"], loading_info["unexpected_keys"], loading_info["mismatched_keys"], ignore_mismatched_sizes
+        )
         if problems:
-            raise CheckpointWeightsError(
-                f"The weights of {location} do not fit its config ({type(model).__name__}, "
-                f"{getattr(model.config, 'backbone_family', model.config.model_type)}): " + "; ".join(problems) + "."
-            )
+            raise CheckpointWeightsError(_weights_do_not_fit(location, cls, model.config, problems))
         return (model, loading_info) if wants_loading_info else model
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, BcosViTEmbeddings):
-            for token in (module.cls_token, module.position_embeddings, getattr(module, "distillation_token", None)):
-                if token is not None:
-                    init.trunc_normal_(token, std=0.02)
-        elif isinstance(module, BcosConvNextLayer) and module.layer_scale_parameter is not None:
-            init.constant_(module.layer_scale_parameter, self.config.backbone_config.layer_scale_init_value)
 
     def _auto_map(self) -> dict:
         return {"AutoConfig": "configuration_bcos.BcosConfig"}
@@ -690,6 +370,14 @@ class BcosImageClassifierOutput(ImageClassifierOutput):
 class BcosForImageClassification(BcosPreTrainedModel):
     """A B-cos image classifier: ``logits = W(x)·x + logit_bias``, explained by `explain()`."""
 
+    legacy_layout = (
+        "classifier.",
+        "holds a B-cos classifier saved with a hand-written ViT/DeiT/ResNet/ConvNeXt backbone of an earlier "
+        "transformers-bcos (keys classifier.*, backbone.* outside backbone.model.*): load it with "
+        "AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True), which runs the code saved "
+        "with it, or B-cosify the source model again with bcosify_pretrained.",
+    )
+
     def __init__(self, config: BcosConfig, source_module: Optional[nn.Module] = None):
         r"""
         source_module (`nn.Module`, *optional*): for a model converted from a plain PyTorch
@@ -708,15 +396,9 @@ class BcosForImageClassification(BcosPreTrainedModel):
                 )
             self.backbone = BcosPlainModuleArchitecture(config, source_module)
         elif source_module is not None:
-            raise ValueError(f"source_module applies to models converted from a plain PyTorch module, not to the {config.backbone_family} family.")
+            raise ValueError(f"source_module applies to models converted from a plain PyTorch module, not to a {config.backbone_config.model_type} model.")
         else:
-            self.backbone = BACKBONES[config.backbone_family](config)
-        # The rules families classify with the source architecture's own head.
-        self.classifier = (
-            None
-            if config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY)
-            else BcosLinear(self.backbone.num_features, config.num_labels, bias=config.use_bias, **_bcos_kwargs(config))
-        )
+            self.backbone = BcosSourceArchitecture(config)
         self.post_init()
 
     def _auto_map(self) -> dict:
@@ -766,8 +448,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
         x = self.encode_inputs(pixel_values, encoded_pixel_values)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        features, hidden_states = self.backbone(x.to(self.dtype), output_hidden_states)
-        bias_free_logits = self.backbone.pool(features, self.classifier)
+        bias_free_logits, hidden_states = self.backbone(x.to(self.dtype), output_hidden_states)
         logits = bias_free_logits + self.config.logit_bias
         loss = None
         if labels is not None:
@@ -809,9 +490,9 @@ class BcosForImageClassification(BcosPreTrainedModel):
             A `BcosExplanationOutput`. ``explained_output`` is the target's logit without the fixed
             ``config.logit_bias`` (read from ``bias_free_logits``, never computed as a difference);
             ``contributions`` (N, H, W) sum to it exactly when the model has no additive terms
-            (``use_bias=False``, the B-cos default). The class token and the position embeddings
-            are attributed uniformly to the pixels of the image / of their patch (see
-            `BcosViTEmbeddings`), so they do not break completeness. Contributions, weights and
+            (``use_bias=False``, the B-cos default). Learned constants (class tokens, position
+            embeddings) are attributed uniformly to the pixels of the image / of their patch (see
+            `rules.LinearizedConstants`), so they do not break completeness. Contributions, weights and
             the explained output come in float32 for a half-precision model (see
             `dynamic_linear_weights`). The model's train/eval mode is restored, and no gradient
             is left on it or the input (with ``create_graph``, only the graph the returned
@@ -830,10 +511,7 @@ class BcosForImageClassification(BcosPreTrainedModel):
                 with captured_output(unit_module) as captured:
                     logits = self(encoded_pixel_values=inputs).logits.detach()
                 if "output" not in captured:
-                    raise ValueError(
-                        f"{target.module} did not run in the forward pass (a fast path computes it inside its parent "
-                        "module): explain a unit of the parent, or of another module."
-                    )
+                    raise ValueError(f"{target.module} did not run in the forward pass: explain a unit of a module that does.")
                 value = target.value(captured["output"])
                 if not value.requires_grad:
                     raise ValueError(f"The unit's value at {target.module} does not depend on the pixels: there is nothing to explain.")

@@ -19,7 +19,6 @@ transformers and the standard library only.
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -34,7 +33,7 @@ from transformers.utils import ModelOutput, logging
 from .configuration_bcos_clip import BcosCLIPConfig
 from .explanation import BcosExplanationOutput, TargetType, dynamic_linear_weights, resolve_targets, rgba_explanation
 from .layers import encode_pixel_values, explanation_constant
-from .modeling_bcos import BcosPreTrainedModel, CheckpointWeightsError, check_pixel_values
+from .modeling_bcos import BcosPreTrainedModel, check_pixel_values
 from .rules import bcosify_modules, find_pixel_reader, prepare_reader
 
 try:  # transformers >= 5 initialises through guarded functions that skip loaded weights
@@ -131,26 +130,6 @@ class BcosCLIPZeroShotOutput(BcosExplanationOutput):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_image_tower_layout(location) -> None:
-    """A CheckpointWeightsError for a local checkpoint of the hand-written image tower that
-    transformers-bcos had before its image towers were transformers' own (its keys differ); it
-    loads with the code saved beside it."""
-    if location is None or not os.path.isdir(os.fspath(location)):
-        return
-    from safetensors import safe_open
-
-    for name in sorted(os.listdir(location)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(location, name), framework="pt") as weights:
-                if any(key.startswith("vision_model.layers.") for key in weights.keys()):
-                    raise CheckpointWeightsError(
-                        f"{location} holds a B-cos CLIP saved with the hand-written image tower of an earlier "
-                        "transformers-bcos (keys vision_model.layers.*): load it with "
-                        "AutoModel.from_pretrained(folder, trust_remote_code=True), which runs the code saved with it, "
-                        "or B-cosify the source CLIP again with bcosify_clip."
-                    )
-
-
 class BcosCLIPModel(BcosPreTrainedModel):
     """CLIP with a B-cos image tower: ``image embedding = W(x)·x``, explained by `explain()`.
 
@@ -162,6 +141,13 @@ class BcosCLIPModel(BcosPreTrainedModel):
     `save_pretrained` writes it beside the weights, and ``from_pretrained`` finds it there when it
     is first needed. Token ids (``input_ids=``) need no tokenizer.
     """
+
+    legacy_layout = (
+        "vision_model.layers.",
+        "holds a B-cos CLIP saved with the hand-written image tower of an earlier transformers-bcos (keys "
+        "vision_model.layers.*): load it with AutoModel.from_pretrained(folder, trust_remote_code=True), which runs "
+        "the code saved with it, or B-cosify the source CLIP again with bcosify_clip.",
+    )
 
     config_class = BcosCLIPConfig
     base_model_prefix = "bcos_clip"
@@ -201,7 +187,6 @@ class BcosCLIPModel(BcosPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        _check_image_tower_layout(pretrained_model_name_or_path)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading replaces every parameter by a new one that requires grad: freeze the text side again.
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_text_tower()

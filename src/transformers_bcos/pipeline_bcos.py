@@ -148,7 +148,7 @@ class ImageExplanationPipeline(Pipeline):
             if isinstance(unit, str):
                 name, _, channel = unit.rpartition(":")
                 if not name or not channel.isdigit():
-                    raise ValueError(f"unit {unit!r}: expected 'MODULE:CHANNEL' (e.g. 'backbone.stages.1:5') or a Unit.")
+                    raise ValueError(f"unit {unit!r}: expected 'MODULE:CHANNEL' (e.g. 'backbone.model.resnet.encoder.stages.1:5') or a Unit.")
                 unit = Unit(name, channel=int(channel))
             if not isinstance(unit, Unit):
                 raise TypeError(f"unit must be 'MODULE:CHANNEL' or a Unit, got {type(unit).__name__}.")

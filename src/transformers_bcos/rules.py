@@ -413,6 +413,11 @@ def _own_forward(module: nn.Module, base: type) -> bool:
 def _drop(module: nn.Module, name: str, keep_bias: bool) -> None:
     if not keep_bias and getattr(module, name, None) is not None:
         module.register_parameter(name, None)
+        # transformers initialises the tensors a checkpoint lacks with the source architecture's
+        # own `_init_weights`, which may assume the bias (ResNet's batch norm: zeros_(module.bias)).
+        # A B-cos module's tensors come from the source, from its initialisation before the rules
+        # or from the checkpoint, whose missing keys loading reports: never from there.
+        module._is_hf_initialized = True
 
 
 def _convert_conv(module: nn.Conv2d, b: float, keep_bias: bool) -> Optional[str]:
@@ -548,9 +553,10 @@ def _wrapping_rule(module: nn.Module, keep_bias: bool) -> Optional[nn.Module]:
     return None
 
 
-def bcosify_modules(model: nn.Module, b: float, keep_bias: bool) -> list:
-    """Apply the rules to every module of ``model``, in place. Returns the modules left as they
-    are because no rule covers them: ``[(qualified name, type name, reason)]``."""
+def bcosify_modules(model: nn.Module, b: float, keep_bias: bool, normalize_weights: bool = False) -> list:
+    """Apply the rules to every module of ``model``, in place; ``normalize_weights``: the B-cos
+    layers use unit-norm filters (B-cos v2, for models trained from scratch). Returns the modules
+    left as they are because no rule covers them: ``[(qualified name, type name, reason)]``."""
     left = []
     replacements = {}
     rules = in_place_rules()
@@ -573,6 +579,9 @@ def bcosify_modules(model: nn.Module, b: float, keep_bias: bool) -> list:
     slots = [(parent, key) for parent in model.modules() for key, child in parent._modules.items() if id(child) in replacements]
     for parent, key in slots:
         parent._modules[key] = replacements[id(parent._modules[key])]
+    for module in model.modules():
+        if isinstance(module, (BcosConv2d, BcosLinear)):
+            module.normalize_weights = normalize_weights
     use_bcos_attention(model)
     return left
 

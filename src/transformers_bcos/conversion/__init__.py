@@ -2,19 +2,12 @@
 
 Any image classifier of transformers converts, and so does a plain PyTorch classifier (an
 ``nn.Module`` from pixels (N, C, H, W) to logits, given its input normalisation and size).
-A transformers architecture is built again with the
-module-type rules of `rules.py` applied (the "rules" family: the source's own modules and
-forward, each convolution, linear layer, norm, activation, gate and attention made B-cos), and
-the source's tensors are installed under their own keys (`copy_tensors_by_key`). ViT, DeiT,
-ResNet and ConvNeXt have hand-written B-cos backbones with fast paths of their own; their weights
-are paired by module type and order (`copy_units`):
+The source architecture is built again (on the meta device) with the module-type rules of
+`rules.py` applied: the source's own modules and forward, each convolution, linear layer, norm,
+activation, gate and attention made B-cos. The source's tensors are installed under their own
+keys (`copy_tensors_by_key`).
 
-* both models are walked in module order; every convolution, linear layer, batch norm, layer
-  norm and free parameter (class token, position embeddings, layer scale) is a *unit*;
-* the units of each kind are paired in order, with their shapes checked, and one rule per
-  module type copies the state (`CONVERTER_RULES`).
-
-Either way the source's input normalisation is folded exactly into the module that reads the
+The source's input normalisation is folded exactly into the module that reads the
 pixels, which reads the encoding [x, 1-x] (`fold_normalization`); nothing is written into the new
 model until every tensor has been validated; and before the model is returned, one float64 pass
 checks that its explanations are complete (and, for b = 1 with biases, that it reproduces the
@@ -29,19 +22,11 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForImageClassification,
-    ConvNextForImageClassification,
-    DeiTForImageClassification,
-    PreTrainedModel,
-    ResNetForImageClassification,
-    ViTForImageClassification,
-)
+from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from .._compat import AutoImageProcessor
-from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, SUPPORTED_BACKBONES, BcosConfig, PlainModuleConfig, backbone_family_of
+from ..configuration_bcos import PLAIN_MODULE_FAMILY, BcosConfig, PlainModuleConfig
 from ..configuration_bcos_clip import SUPPORTED_CLIP_TYPES
 from ..modeling_bcos import BcosForImageClassification, logits_of
 from ..rules import find_pixel_reader
@@ -53,23 +38,13 @@ try:
 except ImportError:  # pragma: no cover
     from transformers.modeling_utils import no_init_weights
 
-# The sources of the hand-written backbones (`SUPPORTED_BACKBONES`).
-HAND_WRITTEN_SOURCE_CLASSES = (
-    ViTForImageClassification,
-    DeiTForImageClassification,
-    ResNetForImageClassification,
-    ConvNextForImageClassification,
-)
-
-
 def _image_classifier_names(model_type: str) -> tuple:
     names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type, ())
     return (names,) if isinstance(names, str) else tuple(names)
 
 
 # ----------------------------------------------------------------------------------------------
-# Converter rules: one per module type. Each copies a standard module's state into its B-cos
-# counterpart; `keep_bias` decides whether additive terms survive.
+# Installing the source's tensors
 # ----------------------------------------------------------------------------------------------
 
 
@@ -85,43 +60,6 @@ def set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
-def _set_bias(source: nn.Module, target: nn.Module, take) -> None:
-    if target.bias is not None:
-        bias = take(source.bias) if source.bias is not None else source.weight.new_zeros(target.bias.shape)
-        set_tensor(target, "bias", bias)
-
-
-def convert_conv(source: nn.Conv2d, target: nn.Conv2d, take) -> None:
-    set_tensor(target, "weight", take(source.weight))
-    _set_bias(source, target, take)
-
-
-def convert_linear(source: nn.Linear, target: nn.Linear, take) -> None:
-    set_tensor(target, "weight", take(source.weight))
-    _set_bias(source, target, take)
-
-
-def convert_batchnorm(source: nn.BatchNorm2d, target: nn.BatchNorm2d, take) -> None:
-    target.eps, target.momentum = source.eps, source.momentum
-    for name in ("weight", "running_mean", "running_var", "num_batches_tracked"):
-        set_tensor(target, name, take(getattr(source, name)))
-    _set_bias(source, target, take)
-
-
-def convert_layernorm(source: nn.LayerNorm, target: nn.LayerNorm, take) -> None:
-    target.eps = source.eps
-    set_tensor(target, "weight", take(source.weight))
-    _set_bias(source, target, take)
-
-
-CONVERTER_RULES = {
-    "conv": (nn.Conv2d, convert_conv),
-    "linear": (nn.Linear, convert_linear),
-    "batchnorm": (nn.BatchNorm2d, convert_batchnorm),
-    "layernorm": (nn.LayerNorm, convert_layernorm),
-}
-
-
 def fold_normalization(weight: torch.Tensor, mean, std) -> torch.Tensor:
     """First-layer weights on [x, 1-x] that equal ``weight`` applied to (x - mean) / std.
 
@@ -132,89 +70,6 @@ def fold_normalization(weight: torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.as_tensor(mean, dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2)))
     std = torch.as_tensor(std, dtype=torch.float64).view(1, -1, *([1] * (w.dim() - 2)))
     return torch.cat([w * (1 - mean) / std, -w * mean / std], dim=1).to(weight.dtype)
-
-
-def convert_input_conv(source: nn.Conv2d, target: nn.Conv2d, take, mean, std) -> None:
-    """The first convolution: the source's input normalisation folded into 6-channel weights."""
-    set_tensor(target, "weight", fold_normalization(source.weight, mean, std))
-    _set_bias(source, target, take)
-
-
-def _units(model: nn.Module) -> dict:
-    """The model's convertible units by kind, in module order.
-
-    Modules with a converter rule are units; so is every parameter held directly by another
-    module (class token, position embeddings, layer scale), as a (module, name) pair.
-    """
-    units = {kind: [] for kind in (*CONVERTER_RULES, "parameter")}
-    for module in model.modules():
-        kind = next((k for k, (cls, _) in CONVERTER_RULES.items() if isinstance(module, cls)), None)
-        if kind is not None:
-            units[kind].append(module)
-        else:
-            units["parameter"].extend((module, name) for name, p in module._parameters.items() if p is not None)
-    return units
-
-
-def _shape(unit) -> tuple:
-    if isinstance(unit, tuple):
-        module, name = unit
-        return tuple(module._parameters[name].shape)
-    return tuple(unit.weight.shape)
-
-
-def pair_units(source: nn.Module, target: nn.Module) -> list:
-    """Pair the units of ``source`` and ``target`` by kind and order; raise if they don't match."""
-    source_units, target_units = _units(source), _units(target)
-    pairs = []
-    for kind in source_units:
-        src, dst = source_units[kind], target_units[kind]
-        if len(src) != len(dst):
-            raise ValueError(
-                f"Cannot convert {type(source).__name__}: it has {len(src)} {kind} units where the B-cos "
-                f"model has {len(dst)}. This transformers version may lay the model out differently."
-            )
-        for i, (s, d) in enumerate(zip(src, dst)):
-            expected = _shape(s)
-            if kind == "conv" and i == 0:  # the first layer reads 6 channels instead of 3
-                expected = (expected[0], 2 * expected[1], *expected[2:])
-            if expected != _shape(d):
-                raise ValueError(
-                    f"Cannot convert {type(source).__name__}: {kind} unit {i} has shape {_shape(s)}, the B-cos "
-                    f"model expects {_shape(d)}."
-                )
-            pairs.append((kind, s, d))
-    return pairs
-
-
-def copy_units(source: nn.Module, target: nn.Module, mean, std, share: bool = False) -> set:
-    """Install every unit of ``source`` into its paired unit of ``target`` (validated first).
-
-    The first convolution gets the input normalisation (``mean``, ``std``) folded in. With
-    ``share`` the target takes over the source's tensors (for a source loaded here and dropped
-    afterwards); otherwise it gets copies, so the source stays independent. Returns the ids of
-    the target tensors written.
-    """
-    pairs = pair_units(source, target)
-
-    def take(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach() if share else tensor.detach().clone()
-
-    with torch.no_grad():
-        first_conv = True
-        for kind, s, d in pairs:
-            if kind == "parameter":
-                set_tensor(d[0], d[1], take(s[0]._parameters[s[1]]))
-            elif kind == "conv" and first_conv:
-                convert_input_conv(s, d, take, mean, std)
-                first_conv = False
-            else:
-                CONVERTER_RULES[kind][1](s, d, take)
-    written = set()
-    for kind, _, d in pairs:
-        module = d[0] if kind == "parameter" else d
-        written.update(id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
-    return written
 
 
 def copy_tensors_by_key(source: nn.Module, target: nn.Module, reader: nn.Conv2d, mean, std, share: bool = False) -> set:
@@ -496,6 +351,8 @@ def bcosify_pretrained(
         source, processor = _load_source(src, image_processor, **from_pretrained_kwargs)
         mean, std, processor_dict = _processor_settings(processor)
         backbone_config = copy.deepcopy(source.config)
+        # The source's class, which the config of a model built in code does not name: DeiT has two.
+        backbone_config.architectures = [type(source).__name__]
         # Some configs (PVT) keep only num_labels, no label names.
         names = source.config.id2label
         labels = {"id2label": dict(names), "label2id": dict(source.config.label2id)} if names else {"num_labels": source.config.num_labels}
@@ -513,10 +370,7 @@ def bcosify_pretrained(
     with torch.device("meta"), no_init_weights():
         model = BcosForImageClassification(config, source_module=source if config.backbone_family == PLAIN_MODULE_FAMILY else None)
     share = isinstance(src, (str, os.PathLike))
-    if config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY):
-        written = copy_tensors_by_key(source, model.backbone.model, model.backbone.pixel_reader, mean, std, share)
-    else:
-        written = copy_units(source, model, mean, std, share)
+    written = copy_tensors_by_key(source, model.backbone.model, model.backbone.pixel_reader, mean, std, share)
     check_all_written(model, written)
     model.eval()
     if check:

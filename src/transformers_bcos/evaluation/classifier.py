@@ -13,10 +13,9 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 
 from .._compat import AutoImageProcessor
+from ..configuration_bcos import FIXED_SIZE_MODEL_TYPES
 from ..modeling_bcos import BcosPreTrainedModel
 
-# Standard transformers families whose position embeddings fix the input size.
-FIXED_SIZE_MODEL_TYPES = ("vit", "deit")
 CONFIDENCE_CRITERIA = ("sigmoid", "softmax")
 
 

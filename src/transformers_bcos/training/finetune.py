@@ -21,9 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, ViTConfig
+from transformers import AutoConfig
 
-from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY, BcosConfig, backbone_family_of
+from ..configuration_bcos import FIXED_SIZE_MODEL_TYPES, PLAIN_MODULE_FAMILY, BcosConfig, backbone_family_of
 from ..conversion import bcosify_pretrained
 from ..data import (
     DEFAULT_DATASET,
@@ -35,7 +35,6 @@ from ..data import (
     image_processor_from_dict,
 )
 from ..defaults import STANDARD_MODEL_RECIPES, TRAINING_SUMMARY_FILE, default_standard_model
-from ..layers import BcosLinear
 from ..model_card import IMAGE_CLASSIFICATION_TEMPLATE, fill_template, markdown_rows
 from ..modeling_bcos import BcosForImageClassification, BcosPlainModuleArchitecture, BcosSourceArchitecture, build_library_model
 from .batchnorm import batchnorm_layers, reestimate_batchnorm_statistics
@@ -196,16 +195,14 @@ def _scratch_config(spec: str, b: float, labels: list, image_size: Optional[int]
         raise OptionsError(
             f"--from_scratch {spec!r} is neither a family ({', '.join(STANDARD_MODEL_RECIPES)}) nor a JSON config file."
         )
-    if isinstance(backbone, ViTConfig) or backbone.model_type == "deit":
+    if backbone.model_type in FIXED_SIZE_MODEL_TYPES:
         size = backbone.image_size
         if image_size is not None and image_size != size:
             raise OptionsError(f"--image_size {image_size} differs from the ViT config's image_size {size}.")
-    elif backbone_family_of(backbone.model_type) == RULES_FAMILY:
+    else:
         # The size the architecture is built for (position embeddings, attention windows), if it names one.
         built_for = getattr(getattr(backbone, "vision_config", backbone), "image_size", None)
         size = image_size or (built_for if isinstance(built_for, int) else default_size)
-    else:
-        size = image_size or default_size
     processor = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
@@ -256,13 +253,7 @@ def adapt_classifier_to_labels(model: BcosForImageClassification, labels: list) 
     model.config.logit_bias = -math.log(len(labels) - 1) if len(labels) > 1 else 0.0
     if plain is not None:
         plain.architecture_kwargs = {**plain.architecture_kwargs, "num_classes": len(labels)}
-    if model.config.backbone_family in (RULES_FAMILY, PLAIN_MODULE_FAMILY):
-        model.backbone = _with_new_head(model.backbone, model.config)
-        return True
-    old = model.classifier
-    model.classifier = BcosLinear(
-        old.in_features, len(labels), bias=old.bias is not None, b=old.b, normalize_weights=old.normalize_weights
-    ).to(device=old.weight.device, dtype=old.weight.dtype)
+    model.backbone = _with_new_head(model.backbone, model.config)
     return True
 
 
@@ -541,7 +532,7 @@ def _run(options: FinetuneOptions, accelerator: Accelerator) -> dict:
             f"explanation weight {options.explanation_distillation_weight:g}.")
     explained_model = model  # the B-cos classifier itself, which the guidance and e²KD losses explain
 
-    if model.config.backbone_family == RULES_FAMILY:
+    if model.config.backbone_family != PLAIN_MODULE_FAMILY:
         # The source architecture may hold parameters its classifier never uses (DINOv2's and
         # BEiT's mask token, for masked image modelling), which DDP refuses unless it looks for
         # them each step; transformers' Trainer looks for them by default too.

@@ -2,16 +2,16 @@
 
 Defaults (``recipe_defaults``), with their sources:
 
-* B-cosified CNNs (ResNet, ConvNeXt), ImageNet scale: AdamW, lr 1e-4, weight decay 0, cosine
+* B-cosified CNNs (ResNet, ConvNeXt, ...), ImageNet scale: AdamW, lr 1e-4, weight decay 0, cosine
   schedule without warm-up, AGC 0.01 -- the B-cosification paper's fine-tuning recipe (reference
   §3). BatchNorm statistics are re-estimated on 1,000 training images before the first step
   (§7: this alone lifts a converted MNIST CNN from chance to 67%).
 * B-cosified ViTs, ImageNet scale: lr 1e-3 with linear warm-up (5% of the steps), cosine decay,
   AGC 0.01 (§3).
-* Architectures B-cosified by the module-type rules take the CNN or the ViT recipe by kind
-  (`recipe_family`): transformers (DINOv2, Swin, BEiT, SigLIP, ...) the ViTs', the others the CNNs'.
-  So do B-cosified plain PyTorch, torchvision and timm models: those with attention (timm's ViTs)
-  the ViTs', the others the CNNs'.
+* Every architecture takes the CNN or the ViT recipe by kind (`recipe_family`): transformers (ViT,
+  DeiT, DINOv2, Swin, BEiT, SigLIP, ...) the ViTs', the others the CNNs'. So do B-cosified plain
+  PyTorch, torchvision and timm models: those with attention (timm's ViTs) the ViTs', the others
+  the CNNs'.
 * B-cos networks from scratch: lr 1e-3, cosine, warm-up 5 of 90 epochs (5.5% of the steps) for
   CNNs and ~10k of ~450k steps (2.2%) for ViTs, AGC 0.01 (§2).
 * B-cos CLIP image towers, distilled from the original tower (`CLIP_DISTILLATION_RECIPE`):
@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import get_scheduler
 
-from ..configuration_bcos import PLAIN_MODULE_FAMILY, RULES_FAMILY
+from ..configuration_bcos import PLAIN_MODULE_FAMILY
 from ..rules import InlineAttention
 
-# "cnn": any other convolutional network (one B-cosified by the module-type rules).
-CNN_FAMILIES = ("resnet", "convnext", "cnn")
-FAMILIES = CNN_FAMILIES + ("vit",)
+# The kinds of model with a recipe of their own: convolutional networks and transformers.
+FAMILIES = ("cnn", "vit")
 
 
 @dataclass(frozen=True)
@@ -74,10 +73,9 @@ CLIP_DISTILLATION_RECIPE = Recipe(
 
 
 def recipe_family(config, model=None) -> str:
-    """The family whose recipe a B-cos classifier of ``config`` (a `BcosConfig`) trains with: its
-    hand-written backbone's, or for an architecture B-cosified by the module-type rules "vit" for a
-    transformer (its config, or a sub-config such as SigLIP's vision config, has attention heads)
-    and "cnn" for any other.
+    """The family whose recipe a B-cos classifier of ``config`` (a `BcosConfig`) trains with: "vit"
+    for a transformer (its config, or a sub-config such as SigLIP's vision config, has attention
+    heads) and "cnn" for any other.
 
     A model converted from a plain PyTorch module (a torchvision or timm model) has no config that
     describes its layers, so its kind is read from the B-cos ``model`` itself: "vit" when it holds
@@ -87,8 +85,6 @@ def recipe_family(config, model=None) -> str:
         if model is None:
             raise ValueError("A B-cos model converted from a plain PyTorch module: pass the model, whose modules tell its recipe.")
         return "vit" if any(isinstance(module, InlineAttention) for module in model.modules()) else "cnn"
-    if config.backbone_family != RULES_FAMILY:
-        return config.backbone_family
     backbone = config.backbone_config
     configs = [backbone] + [getattr(backbone, key, None) for key in getattr(backbone, "sub_configs", {})]
     heads = [getattr(c, name, None) for c in configs if c is not None for name in ("num_attention_heads", "num_heads")]
@@ -96,7 +92,7 @@ def recipe_family(config, model=None) -> str:
 
 
 def recipe_defaults(family: str, from_scratch: bool = False, small_data: bool = False) -> Recipe:
-    """The documented defaults for a ``family`` ("resnet", "convnext", "cnn", "vit") model
+    """The documented defaults for a ``family`` ("cnn", "vit") model
     (`recipe_family` of its config).
 
     ``small_data`` selects the values calibrated on the embedded MNIST (a few epochs on 4,000
@@ -105,7 +101,7 @@ def recipe_defaults(family: str, from_scratch: bool = False, small_data: bool = 
     """
     if family not in FAMILIES:
         raise ValueError(f"Unknown model family {family!r}; known: {', '.join(FAMILIES)}.")
-    cnn = family in CNN_FAMILIES
+    cnn = family == "cnn"
     if from_scratch:
         return _SCRATCH_CNN if cnn else _SCRATCH_VIT
     if small_data:
