@@ -194,7 +194,7 @@ config = BcosConfig(backbone_config=ResNetConfig(embedding_size=8, hidden_sizes=
 model = BcosForImageClassification(config)
 assert any(isinstance(m, SeparableMaxPool2d) for m in model.modules())
 with torch.no_grad():
-    model.backbone.embedder.convolution.weight[0, 0, 0, 0] = math.nan
+    model.backbone.pixel_reader.weight[0, 0, 0, 0] = math.nan
 x = torch.rand(4, 3, 32, 32)
 for _ in range(3):
     assert model.explain(x, target=0).explained_output.isnan().all()

@@ -128,7 +128,7 @@ def test_two_process_run_shards_data_and_keeps_replicas_identical(tmp_path, laun
     for name in params[0]:
         assert torch.equal(params[0][name], params[1][name]), name
     source = ResNetForImageClassification.from_pretrained(tiny_standard_resnet)
-    trained_classifier = params[0]["classifier.weight"]
+    trained_classifier = params[0]["backbone.model.classifier.1.weight"]
     assert not torch.equal(trained_classifier, source.classifier[-1].weight)  # it did train
     # 4 optimizer steps of a 4-step cosine schedule: the schedule ran once per update, not per process.
     assert ranks[0]["lr"] == pytest.approx(0.0, abs=1e-12)

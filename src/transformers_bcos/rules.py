@@ -436,7 +436,7 @@ def _convert_linear(module: nn.Linear, b: float, keep_bias: bool) -> Optional[st
     if _own_forward(module, nn.Linear) and not isinstance(module, _timm_types("Linear")):
         return "a subclass with a forward of its own"
     _swap_class(module, BcosLinear)
-    module.b, module.normalize_weights, module.recompute_response = float(b), False, False
+    module.b, module.normalize_weights = float(b), False
     _drop(module, "bias", keep_bias)
     return None
 
