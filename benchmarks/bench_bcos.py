@@ -438,8 +438,8 @@ def bench_memory(args) -> list:
 
 def bench_conversion(args) -> list:
     """Loading a checkpoint as it is against B-cosifying it, with and without the exactness check
-    (one float64 pass, `transformers_bcos.conversion.exactness`): for a hand-written backbone
-    (ViT-B/16), for a family B-cosified by the module-type rules (DINOv2-S/14) and for CLIP."""
+    (one float64 pass, `transformers_bcos.conversion.exactness`): for ViT-B/16 (at its fixed
+    224 px), DINOv2-S/14 (at a small input: it takes any size) and CLIP."""
     from transformers import AutoModelForImageClassification
 
     from transformers_bcos import bcosify_pretrained

@@ -4,7 +4,7 @@ The contributions come with a graph to the parameters, and their gradient is the
 derivative of the plain explanation as a function of the parameters, θ -> explain(x; θ): the
 dynamic factors are constant in the input, as always, but vary with θ. That definition is
 checked literally: against central finite differences of the plain explain() in float64, on
-every hand-written family, every family B-cosified by the rules, and B-cos CLIP.
+ViT, DeiT, ResNet, ConvNeXt, the other families of the rules' test list, and B-cos CLIP.
 """
 
 import copy

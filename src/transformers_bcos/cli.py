@@ -81,13 +81,13 @@ def check_model_location(location: str, role: str = "MODEL") -> None:
 
     from .model_card import is_hub_repo_id
 
-    from .modeling_bcos import saved_weight_shapes
+    from .modeling_bcos import saved_weight_keys
 
     path = os.path.expanduser(location)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CLIError(f"{role} {location} is not a saved model folder (no config.json).")
-        saved_weight_shapes(path)  # an OSError naming an unreadable weight file
+        saved_weight_keys(path)  # an OSError naming an unreadable weight file
     elif os.path.exists(path):
         raise CLIError(f"{role} {location} is a file; expected a model folder or a Hub id.")
     elif looks_like_local_path(location):

@@ -190,41 +190,20 @@ def _listed(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def saved_weight_shapes(folder: str) -> dict:
-    """{key: shape} of the tensors in a local checkpoint's safetensors files, read from their
-    headers (keys as saved: transformers may rename them when loading); an OSError naming an
-    unreadable (truncated, empty) file."""
+def saved_weight_keys(folder: str) -> set:
+    """The keys of the tensors in a local checkpoint's safetensors files (as saved: transformers may
+    rename them when loading); an OSError naming an unreadable (truncated, empty) file."""
     from safetensors import SafetensorError, safe_open
 
-    shapes = {}
+    keys = set()
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
             try:
                 with safe_open(os.path.join(folder, name), framework="pt") as weights:
-                    shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
+                    keys.update(weights.keys())
             except (SafetensorError, OSError) as error:
                 raise OSError(f"{os.path.join(folder, name)} cannot be read (truncated or corrupt?): {error}") from None
-    return shapes
-
-
-def weight_problems(missing, unexpected, mismatched, ignore_mismatched_sizes: bool) -> list:
-    """What makes a checkpoint not fit its model, in words: missing and unexpected keys, and keys
-    of another shape ``(key, saved shape, model shape)`` unless they are to be replaced."""
-    problems = []
-    if missing:
-        problems.append(f"missing {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_listed(unexpected)}")
-    if mismatched and not ignore_mismatched_sizes:
-        shapes = {f"{key} {tuple(saved)} (model: {tuple(expected)})" for key, saved, expected in mismatched}
-        problems.append(f"of another shape {_listed(shapes)} (pass ignore_mismatched_sizes=True to replace them)")
-    return problems
-
-
-def _weights_do_not_fit(location, cls, config, problems: list) -> str:
-    architecture = getattr(config, "backbone_config", None)
-    described = f"{cls.__name__}, {architecture.model_type}" if architecture is not None else cls.__name__
-    return f"The weights of {location} do not fit its config ({described}): " + "; ".join(problems) + "."
+    return keys
 
 
 class BcosPreTrainedModel(PreTrainedModel):
@@ -245,6 +224,8 @@ class BcosPreTrainedModel(PreTrainedModel):
         weights raise a `CheckpointWeightsError` naming them, and so do weights of another shape
         unless ``ignore_mismatched_sizes=True`` asks for them to be replaced; an unreadable weight
         file or a pickle that ``torch.load(weights_only=True)`` refuses raises an OSError naming it.
+        A local checkpoint of a hand-written architecture of an earlier transformers-bcos
+        (``legacy_layout``) is refused with what to do, before anything is loaded.
         """
         import pickle
 
@@ -256,7 +237,7 @@ class BcosPreTrainedModel(PreTrainedModel):
         if location is not None and os.path.isdir(location):
             if kwargs.get("config") is None and not os.path.isfile(os.path.join(location, "config.json")):
                 raise OSError(f"{location} is not a saved model folder: it has no config.json.")
-            saved = saved_weight_shapes(location)
+            saved = saved_weight_keys(location)
             if cls.legacy_layout is not None and any(key.startswith(cls.legacy_layout[0]) for key in saved):
                 raise CheckpointWeightsError(f"{location} {cls.legacy_layout[1]}")
         try:
@@ -270,11 +251,18 @@ class BcosPreTrainedModel(PreTrainedModel):
                 f"The pickled weights of {location} were refused (torch.load with weights_only=True; only safetensors "
                 f"weights are safe to load): {str(error).splitlines()[0]}"
             ) from None
-        problems = weight_problems(
-            loading_info["missing_keys"], loading_info["unexpected_keys"], loading_info["mismatched_keys"], ignore_mismatched_sizes
-        )
+        problems = []
+        if loading_info["missing_keys"]:
+            problems.append(f"missing {_listed(loading_info['missing_keys'])}")
+        if loading_info["unexpected_keys"]:
+            problems.append(f"unexpected {_listed(loading_info['unexpected_keys'])}")
+        if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
+            shapes = {f"{key} {tuple(saved)} (model: {tuple(expected)})" for key, saved, expected in loading_info["mismatched_keys"]}
+            problems.append(f"of another shape {_listed(shapes)} (pass ignore_mismatched_sizes=True to replace them)")
         if problems:
-            raise CheckpointWeightsError(_weights_do_not_fit(location, cls, model.config, problems))
+            architecture = getattr(model.config, "backbone_config", None)
+            described = f"{type(model).__name__}, {architecture.model_type}" if architecture is not None else type(model).__name__
+            raise CheckpointWeightsError(f"The weights of {location} do not fit its config ({described}): " + "; ".join(problems) + ".")
         return (model, loading_info) if wants_loading_info else model
 
     def _auto_map(self) -> dict:
