@@ -362,8 +362,9 @@ class BcosForImageClassification(BcosPreTrainedModel):
         "classifier.",
         "holds a B-cos classifier saved with a hand-written ViT/DeiT/ResNet/ConvNeXt backbone of an earlier "
         "transformers-bcos (keys classifier.*, backbone.* outside backbone.model.*): load it with "
-        "AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True), which runs the code saved "
-        "with it, or B-cosify the source model again with bcosify_pretrained.",
+        "AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True) in a process that has not "
+        "imported transformers_bcos, which runs the code saved with it, or B-cosify the source model again with "
+        "bcosify_pretrained.",
     )
 
     def __init__(self, config: BcosConfig, source_module: Optional[nn.Module] = None):

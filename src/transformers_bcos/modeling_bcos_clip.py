@@ -145,8 +145,9 @@ class BcosCLIPModel(BcosPreTrainedModel):
     legacy_layout = (
         "vision_model.layers.",
         "holds a B-cos CLIP saved with the hand-written image tower of an earlier transformers-bcos (keys "
-        "vision_model.layers.*): load it with AutoModel.from_pretrained(folder, trust_remote_code=True), which runs "
-        "the code saved with it, or B-cosify the source CLIP again with bcosify_clip.",
+        "vision_model.layers.*): load it with AutoModel.from_pretrained(folder, trust_remote_code=True) in a process "
+        "that has not imported transformers_bcos, which runs the code saved with it, or B-cosify the source CLIP "
+        "again with bcosify_clip.",
     )
 
     config_class = BcosCLIPConfig
